@@ -1,0 +1,36 @@
+"""`sqllava-jax`: one command with sub-commands.
+
+Each sub-command lives in its own module under `sqllava_jax.commands` and is imported only
+when it runs, so `sqllava-jax --help` stays fast and a broken optional dependency of one
+command does not break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "info": ("sqllava_jax.commands.info", "parameter counts per group of a config"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(prog="sqllava-jax", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  sub.required = True
+  chosen = argv[0] if argv and argv[0] in COMMANDS else None
+  for name, (module, help_text) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_text)
+    p.set_defaults(_module=module)
+    if name == chosen:
+      importlib.import_module(module).add_arguments(p)
+  args = parser.parse_args(argv)
+  return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,356 @@
+"""The config schema: frozen dataclasses that YAML files in `configs/` are data for.
+
+Load with `load_config(path, overrides)`; overrides are `key.sub=value` strings. Small modules
+take plain numbers; only the top-level models and runners read these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal, Optional, Sequence
+
+from sqllava_jax import configlib
+from sqllava_jax.configlib import ConfigError
+
+DType = Literal["float32", "bfloat16", "float16"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
+AttentionImpl = Literal["xla", "cudnn", "auto", "blocked"]
+
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """CLIP ViT as transformers' `CLIPVisionConfig` (defaults: ViT-L/14 at 336 px)."""
+  image_size: int = 336
+  patch_size: int = 14
+  num_channels: int = 3
+  hidden_size: int = 1024
+  intermediate_size: int = 4096
+  num_layers: int = 24
+  num_heads: int = 16
+  layer_norm_eps: float = 1e-5
+  hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+  # Hidden state whose features feed the projector: -2 is the output of the second-to-last
+  # encoder layer (`hidden_states[-2]`); index 0 is the embeddings after `pre_layrnorm`.
+  select_layer: int = -2
+  select_feature: Literal["patch", "cls_patch"] = "patch"
+
+  def __post_init__(self):
+    _check(self.hidden_size % self.num_heads == 0,
+           f"vision.hidden_size={self.hidden_size} not divisible by vision.num_heads={self.num_heads}")
+    _check(self.image_size % self.patch_size == 0,
+           f"vision.image_size={self.image_size} not divisible by vision.patch_size={self.patch_size}")
+    n = self.num_layers
+    _check(-(n + 1) <= self.select_layer <= n,
+           f"vision.select_layer={self.select_layer} out of range for {n} layers (-{n + 1}..{n})")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_features(self) -> int:
+    """Visual tokens per image handed to the projector."""
+    return self.num_patches + (1 if self.select_feature == "cls_patch" else 0)
+
+  @property
+  def feature_layer_count(self) -> int:
+    """How many encoder layers must run to produce the selected hidden state."""
+    idx = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+    return idx
+
+  @classmethod
+  def from_hf_config(cls, hf: dict, **overrides) -> "VisionConfig":
+    hf = hf.get("vision_config", hf)
+    return cls(image_size=hf.get("image_size", 224), patch_size=hf["patch_size"],
+               num_channels=hf.get("num_channels", 3), hidden_size=hf["hidden_size"],
+               intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+               num_heads=hf["num_attention_heads"], layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+               hidden_act=hf.get("hidden_act", "quick_gelu"), **overrides)
+
+  def to_hf_config(self) -> dict:
+    return dict(model_type="clip_vision_model", architectures=["CLIPVisionModel"],
+                image_size=self.image_size, patch_size=self.patch_size,
+                num_channels=self.num_channels, hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                num_attention_heads=self.num_heads, layer_norm_eps=self.layer_norm_eps,
+                hidden_act=self.hidden_act, projection_dim=768, attention_dropout=0.0,
+                initializer_range=0.02, initializer_factor=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """LLaMA decoder as transformers' `LlamaConfig` (defaults: Vicuna-7B v1.5)."""
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: Optional[int] = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    _check(self.num_heads % self.num_kv_heads == 0,
+           f"llm.num_heads={self.num_heads} not divisible by llm.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None:
+      _check(self.hidden_size % self.num_heads == 0,
+             f"llm.hidden_size={self.hidden_size} not divisible by llm.num_heads={self.num_heads}")
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_hf_config(cls, hf: dict, **overrides) -> "LLMConfig":
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+      raise ConfigError(f"rope_scaling type {rope_type!r} is not supported; only default rotary")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+               intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+               num_heads=hf["num_attention_heads"],
+               num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+               head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+               rope_theta=float(theta),
+               max_position_embeddings=hf.get("max_position_embeddings", 4096),
+               tie_word_embeddings=hf.get("tie_word_embeddings", False),
+               bos_token_id=_first(hf.get("bos_token_id"), 1),
+               eos_token_id=_first(hf.get("eos_token_id"), 2),
+               pad_token_id=_first(hf.get("pad_token_id"), 0), **overrides)
+
+  def to_hf_config(self) -> dict:
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                head_dim=self.dim_per_head, rms_norm_eps=self.rms_norm_eps,
+                rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
+                tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+                attention_bias=False, mlp_bias=False, bos_token_id=self.bos_token_id,
+                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                initializer_range=0.02, torch_dtype="float32")
+
+
+def _first(value, default):
+  if isinstance(value, list):
+    return value[0] if value else default
+  return default if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+  """Vision -> LLM projector: SQ-LLaVA's prototype extractor (`cluster`) or LLaVA's MLPs."""
+  type: Literal["cluster", "mlp2x_gelu", "linear"] = "cluster"
+  num_prototypes: int = 256
+  num_iterations: int = 2
+
+  def __post_init__(self):
+    _check(self.num_prototypes > 0, f"projector.num_prototypes={self.num_prototypes} must be > 0")
+    _check(self.num_iterations >= 0,
+           f"projector.num_iterations={self.num_iterations} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """`W x + (alpha / rank) * B(A(dropout(x)))`; rank 0 switches LoRA off."""
+  rank: int = 0
+  alpha: float = 0.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    _check(self.rank >= 0, f"lora rank={self.rank} must be >= 0")
+    _check(0.0 <= self.dropout < 1.0, f"lora dropout={self.dropout} must be in [0, 1)")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0 and bool(self.targets)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vision: VisionConfig = VisionConfig()
+  llm: LLMConfig = LLMConfig()
+  projector: ProjectorConfig = ProjectorConfig()
+  vit_lora: LoRAConfig = LoRAConfig(rank=64, alpha=128.0, dropout=0.2, targets=VIT_LORA_TARGETS)
+  llm_lora: LoRAConfig = LoRAConfig(rank=128, alpha=256.0, dropout=0.05, targets=LLM_LORA_TARGETS)
+  # Activations and matmuls run in `compute_dtype`; parameters are created in `param_dtype`
+  # (training casts groups to their own dtype, see `train.param_groups`).
+  compute_dtype: DType = "float32"
+  param_dtype: DType = "float32"
+  remat_policy: RematPolicy = "none"
+  # `jax.nn.dot_product_attention` implementation: xla everywhere, cudnn is the fused GPU
+  # kernel, auto lets JAX pick; blocked is query-blocked XLA attention (less memory on CPU).
+  attention_impl: AttentionImpl = "xla"
+  attention_block_size: int = 512
+  # Placeholder id written into `input_ids` at image positions (the reference's -200).
+  image_token_id: int = -200
+
+  def __post_init__(self):
+    for name in self.vit_lora.targets:
+      _check(name in VIT_LORA_TARGETS,
+             f"model.vit_lora.targets: unknown {name!r}; choose from {', '.join(VIT_LORA_TARGETS)}")
+    for name in self.llm_lora.targets:
+      _check(name in LLM_LORA_TARGETS,
+             f"model.llm_lora.targets: unknown {name!r}; choose from {', '.join(LLM_LORA_TARGETS)}")
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Placeholder positions one `<image>` expands to (the projector keeps the token count)."""
+    return self.vision.num_features
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where training examples come from and how they become fixed-shape batches."""
+  source: Literal["json", "tfds", "synthetic"] = "json"
+  json_path: str = ""
+  image_folder: str = ""
+  tfds_dir: str = ""
+  tokenizer: str = ""
+  template: Literal["plain", "vicuna_v1", "v1_sq"] = "v1_sq"
+  sq_r: float = 0.0
+  image_aspect_ratio: Literal["pad", "square"] = "pad"
+  max_length: int = 2048
+  # Pad rows to the smallest bucket that fits (static shapes); empty: always max_length.
+  length_buckets: tuple[int, ...] = ()
+  shuffle: bool = True
+  num_epochs: int = 1
+  seed: int = 0
+  num_workers: int = 0
+  prefetch: int = 2
+  strict: bool = False
+  max_image_pixels: int = 50_000_000
+  log_first_bad: int = 5
+
+  def __post_init__(self):
+    _check(0.0 <= self.sq_r <= 1.0, f"data.sq_r={self.sq_r} must be in [0, 1]")
+    _check(self.max_length > 0, f"data.max_length={self.max_length} must be > 0")
+    for b in self.length_buckets:
+      _check(0 < b <= self.max_length,
+             f"data.length_buckets: {b} must be in 1..data.max_length={self.max_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+  """Parameters whose path matches one of `patterns` (regexes, `re.search` on 'a/b/c')."""
+  name: str
+  patterns: tuple[str, ...]
+  lr: Optional[float] = None
+  frozen: bool = False
+  param_dtype: DType = "float32"
+
+  def __post_init__(self):
+    _check(self.frozen or self.lr is not None,
+           f"param group {self.name!r}: give an lr or set frozen: true")
+    _check(not (self.frozen and self.lr is not None),
+           f"param group {self.name!r}: frozen groups take no lr (lr={self.lr})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes (-1: whatever is left) and the logical-axis -> mesh-axis rules."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  # Ordered rules: a logical axis maps to the first listed mesh axes not already used by
+  # another dimension of the same array; an empty list replicates.
+  rules: tuple[tuple[str, tuple[str, ...]], ...] = (
+      ("batch", ("data", "fsdp")),
+      ("length", ()),
+      ("embed", ("fsdp",)),
+      ("vocab", ("tensor",)),
+      ("mlp", ("tensor",)),
+      ("heads", ("tensor",)),
+      ("kv_heads", ("tensor",)),
+      ("head_dim", ()),
+      ("lora", ()),
+      ("layers", ()),
+      ("vision_embed", ("fsdp",)),
+      ("vision_mlp", ("tensor",)),
+      ("vision_heads", ("tensor",)),
+      ("prototypes", ()),
+      ("channels", ()),
+  )
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  param_groups: tuple[ParamGroup, ...] = ()
+  per_device_batch_size: int = 1
+  grad_accum_steps: int = 1
+  num_epochs: float = 1.0
+  max_steps: int = 0
+  warmup_ratio: float = 0.03
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  max_grad_norm: float = 1.0
+  logits_chunk_size: int = 1024
+  nonfinite: Literal["skip", "stop"] = "skip"
+  log_every: int = 10
+  save_every: int = 500
+  keep_checkpoints: int = 3
+  init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  output_dir: str = "runs/default"
+  seed: int = 0
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                cls: type = Config):
+  """Loads `path` (YAML; `base:` chains allowed) and applies `key.sub=value` overrides."""
+  data = configlib.load_yaml(path) if path else {}
+  data = configlib.apply_overrides(data, overrides, cls)
+  return configlib.from_dict(cls, data)
+
+
+def replace(cfg, **changes):
+  """`dataclasses.replace` that takes dotted keys: replace(cfg, **{'model.llm.num_layers': 2})."""
+  nested: dict = {}
+  for key, value in changes.items():
+    head, _, rest = key.partition(".")
+    nested.setdefault(head, {})
+    if rest:
+      nested[head][rest] = value
+    else:
+      nested[head] = value
+  out = {}
+  for head, value in nested.items():
+    if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, head)):
+      out[head] = replace(getattr(cfg, head), **value)
+    else:
+      out[head] = value
+  return dataclasses.replace(cfg, **out)

@@ -1,0 +1,1 @@
+"""Hugging Face and reference-checkpoint import and export."""

@@ -1,0 +1,1 @@
+"""Generation, jitted evaluation loops, benchmark metrics."""

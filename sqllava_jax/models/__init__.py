@@ -1,0 +1,1 @@
+"""Flax NNX modules: CLIP vision tower, LLaMA decoder, LoRA, projectors, the composite model."""

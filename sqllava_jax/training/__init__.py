@@ -1,0 +1,1 @@
+"""Optimizer groups and schedules, the train step and loop, checkpoints."""

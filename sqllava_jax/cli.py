@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from sqllava_jax.configlib import ConfigError
+
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("sqllava_jax.commands.info", "parameter counts per group of a config"),
@@ -29,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if name == chosen:
       importlib.import_module(module).add_arguments(p)
   args = parser.parse_args(argv)
-  return int(importlib.import_module(args._module).run(args) or 0)
+  try:
+    return int(importlib.import_module(args._module).run(args) or 0)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"sqllava-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -298,9 +298,20 @@ class MeshConfig:
     return (self.data, self.fsdp, self.tensor)
 
 
+# The paper's stage 2 (instruction tuning): adapters and projector train, the bases are frozen.
+LORA_PARAM = r"/lora_[ab]$"
+STAGE2_PARAM_GROUPS = (
+    ParamGroup("llm_lora", (r"^llm/.*" + LORA_PARAM,), lr=2e-4),
+    ParamGroup("projector", (r"^projector/",), lr=2e-5),
+    ParamGroup("vit_lora", (r"^vision/.*" + LORA_PARAM,), lr=2e-5),
+    ParamGroup("frozen_bases", (r"^(vision|llm)/(?!.*" + LORA_PARAM + ")",), frozen=True,
+               param_dtype="bfloat16"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  param_groups: tuple[ParamGroup, ...] = ()
+  param_groups: tuple[ParamGroup, ...] = STAGE2_PARAM_GROUPS
   per_device_batch_size: int = 1
   grad_accum_steps: int = 1
   num_epochs: float = 1.0

@@ -1,0 +1,210 @@
+"""LLaMA decoder, numerically transformers' `LlamaForCausalLM` (Vicuna-7B/13B v1.5).
+
+RMSNorm, rotary embeddings (rotate-half layout, as transformers), SwiGLU MLP, grouped-query
+attention, an untied `lm_head`, and a KV cache for decoding. Layers are scanned.
+
+Masks: without a cache, attention is causal and, when `segment_ids` are given, stays
+inside a segment (padding is segment 0; packed examples are segments 1, 2, ...). With a
+cache, every row writes the same slots (prompts are left-padded), and a per-row `valid` mask
+over the cache slots hides padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from sqllava_jax.config import LLMConfig, LoRAConfig
+from sqllava_jax.models import layers as L
+from sqllava_jax.models.lora import fold_rng, linear_factory
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys/values of every layer: k, v [layers, B, S, kv_heads, head_dim]; `valid` [B, S] marks
+  slots holding real tokens; `index` is the next slot to write (shared by all rows)."""
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """x: [B, T, N, H]; positions: int[B, T]. Rotate-half rotary embedding (transformers' form)."""
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def training_mask(segment_ids: Optional[jax.Array]) -> Optional[jax.Array]:
+  """[B, 1, T, T] same-segment mask (causality is added by the attention call); None if no ids."""
+  if segment_ids is None:
+    return None
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def cache_mask(valid: jax.Array, index: jax.Array, t: int) -> jax.Array:
+  """[B, 1, T, S]: query i (slot index + i) sees valid slots up to and including its own."""
+  s = valid.shape[1]
+  q_slots = index + jnp.arange(t)
+  causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [T, S]
+  return jnp.logical_and(causal[None], valid[:, None, :])[:, None]
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: LLMConfig, *, make_linear, impl: str, block_size: int):
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    self.theta = cfg.rope_theta
+    self.impl, self.block_size = impl, block_size
+    d, nh, nk = cfg.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    self.q_proj = make_linear("q_proj", d, nh, ("embed", "heads"))
+    self.k_proj = make_linear("k_proj", d, nk, ("embed", "kv_heads"))
+    self.v_proj = make_linear("v_proj", d, nk, ("embed", "kv_heads"))
+    self.o_proj = make_linear("o_proj", nh, d, ("heads", "embed"))
+
+  def __call__(self, x, positions, mask, cache_kv, rng):
+    """x: [B, T, D]; positions: int[B, T]; cache_kv: (k, v, valid, index) or None."""
+    b, t, _ = x.shape
+    q = self.q_proj(x, fold_rng(rng, 0)).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x, fold_rng(rng, 1)).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x, fold_rng(rng, 2)).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = checkpoint_name(rotary(q, positions, self.theta), "query")
+    k = checkpoint_name(rotary(k, positions, self.theta), "key")
+    v = checkpoint_name(v, "value")
+    new_kv = None
+    if cache_kv is None:
+      out = L.attention(q, k, v, mask, impl=self.impl, is_causal=True, block_size=self.block_size)
+    else:
+      ck, cv, index = cache_kv
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      impl = "xla" if self.impl == "blocked" else self.impl
+      out = L.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, impl=impl)
+      new_kv = (ck, cv)
+    out = L.shard_activation(out, ("batch", "length", "heads", None))
+    return self.o_proj(out.reshape(b, t, -1), fold_rng(rng, 3)), new_kv
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: LLMConfig, *, make_linear):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = make_linear("gate_proj", d, f, ("embed", "mlp"))
+    self.up_proj = make_linear("up_proj", d, f, ("embed", "mlp"))
+    self.down_proj = make_linear("down_proj", f, d, ("mlp", "embed"))
+
+  def __call__(self, x, rng):
+    h = jax.nn.silu(self.gate_proj(x, fold_rng(rng, 0))) * self.up_proj(x, fold_rng(rng, 1))
+    h = L.shard_activation(h, ("batch", "length", "mlp"))
+    return self.down_proj(h, fold_rng(rng, 2))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype, param_dtype, impl: str,
+               block_size: int, rngs: nnx.Rngs):
+    make = linear_factory(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          lora_targets=lora.targets, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+    self.input_layernorm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, make_linear=make, impl=impl, block_size=block_size)
+    self.post_attention_layernorm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                              param_dtype=param_dtype)
+    self.mlp = MLP(cfg, make_linear=make)
+
+  def __call__(self, x, positions, mask, cache_kv, rng):
+    h, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, fold_rng(rng, 0))
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x), fold_rng(rng, 1))
+    return L.shard_activation(x, ("batch", "length", "embed")), new_kv
+
+
+class Llama(nnx.Module):
+  """The decoder: `embed` ids, run `decode` over embeddings, project with `logits`."""
+
+  def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat_policy: str = "none", attention_impl: str = "xla",
+               attention_block_size: int = 512, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat_policy = remat_policy
+    self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
+    self.layers = L.make_layer_stack(
+        lambda r: DecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype,
+                               impl=attention_impl, block_size=attention_block_size, rngs=r),
+        cfg.num_layers, rngs)
+    self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    if not cfg.tie_word_embeddings:
+      init = jax.nn.initializers.normal(stddev=0.02)
+      self.lm_head = L.param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
+                             ("embed", "vocab"))
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """int[B, T] -> [B, T, D] (ids must be valid vocabulary ids)."""
+    return self.embed_tokens(input_ids, self.dtype)
+
+  def output_kernel(self) -> jax.Array:
+    """[D, V] projection to the vocabulary (the embedding's transpose when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.embedding[...].T
+    return self.lm_head[...]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] final-normed hidden -> [B, T, V] logits in the compute dtype."""
+    return hidden @ self.output_kernel().astype(hidden.dtype)
+
+  def decode(self, x: jax.Array, positions: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+             cache: Optional[KVCache] = None, token_valid: Optional[jax.Array] = None,
+             rng: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
+    """Runs the layers and the final norm. x: [B, T, D]; positions: int[B, T].
+
+    Without `cache`: causal self-attention (within segments if `segment_ids` [B, T]).
+    With `cache`: writes T new slots at `cache.index`; `token_valid` bool[B, T] says which
+    of the new tokens are real (left padding is not). Returns (hidden [B, T, D], cache).
+    """
+    x = L.shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
+    n = self.cfg.num_layers
+    rngs = None if rng is None else jax.random.split(rng, n)
+    if cache is None:
+      mask = training_mask(segment_ids)
+
+      def body(layer, h, layer_rng):
+        h, _ = layer(h, positions, mask, None, layer_rng)
+        return h, None
+
+      x, _ = L.scan_layers(self.layers, body, x, rngs, remat_policy=self.remat_policy)
+      return self.norm(x), None
+
+    t = x.shape[1]
+    new_valid = jnp.ones(x.shape[:2], bool) if token_valid is None else token_valid
+    valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
+    mask = cache_mask(valid, cache.index, t)
+
+    def body_cached(layer, h, inputs):
+      layer_rng, ck, cv = inputs
+      h, (ck, cv) = layer(h, positions, mask, (ck, cv, cache.index), layer_rng)
+      return h, (ck, cv)
+
+    x, (k, v) = L.scan_layers(self.layers, body_cached, x, (rngs, cache.k, cache.v))
+    return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
+
+  def __call__(self, input_ids: jax.Array, positions: Optional[jax.Array] = None, **kwargs):
+    """Convenience full forward: int[B, T] -> (logits [B, T, V], cache)."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    hidden, cache = self.decode(self.embed(input_ids), positions, **kwargs)
+    return self.logits(hidden), cache

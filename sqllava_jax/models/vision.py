@@ -1,0 +1,122 @@
+"""CLIP ViT vision tower, numerically transformers' `CLIPVisionModel`.
+
+Pre-LayerNorm ViT with a class token and learned position embeddings. The tower returns the
+hidden state selected by `select_layer` (LLaVA's `mm_vision_select_layer`, -2 by default:
+the output of the second-to-last encoder layer) and runs only the layers needed for it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sqllava_jax.config import LoRAConfig, VisionConfig
+from sqllava_jax.models import layers as L
+from sqllava_jax.models.lora import fold_rng, linear_factory
+
+
+class VisionAttention(nnx.Module):
+  def __init__(self, dim: int, num_heads: int, *, make_linear, impl: str):
+    self.num_heads = num_heads
+    self.impl = impl
+    self.q_proj = make_linear("q_proj", dim, dim, ("vision_embed", "vision_heads"), True)
+    self.k_proj = make_linear("k_proj", dim, dim, ("vision_embed", "vision_heads"), True)
+    self.v_proj = make_linear("v_proj", dim, dim, ("vision_embed", "vision_heads"), True)
+    self.out_proj = make_linear("out_proj", dim, dim, ("vision_heads", "vision_embed"), True)
+
+  def __call__(self, x: jax.Array, rng: Optional[jax.Array]) -> jax.Array:
+    """x: [B, P, D] -> [B, P, D]; full (non-causal) attention."""
+    b, p, d = x.shape
+    heads = lambda t: t.reshape(b, p, self.num_heads, d // self.num_heads)
+    q = heads(self.q_proj(x, fold_rng(rng, 0)))
+    k = heads(self.k_proj(x, fold_rng(rng, 1)))
+    v = heads(self.v_proj(x, fold_rng(rng, 2)))
+    impl = "xla" if self.impl == "blocked" else self.impl
+    out = L.attention(q, k, v, None, impl=impl)
+    return self.out_proj(out.reshape(b, p, d), fold_rng(rng, 3))
+
+
+class VisionLayer(nnx.Module):
+  def __init__(self, cfg: VisionConfig, lora: LoRAConfig, *, dtype, param_dtype, impl: str,
+               rngs: nnx.Rngs):
+    make = linear_factory(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          lora_targets=lora.targets, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+    d, eps = cfg.hidden_size, cfg.layer_norm_eps
+    self.layer_norm1 = L.LayerNorm(d, eps=eps, axis_name="vision_embed", param_dtype=param_dtype)
+    self.self_attn = VisionAttention(d, cfg.num_heads, make_linear=make, impl=impl)
+    self.layer_norm2 = L.LayerNorm(d, eps=eps, axis_name="vision_embed", param_dtype=param_dtype)
+    self.fc1 = make("fc1", d, cfg.intermediate_size, ("vision_embed", "vision_mlp"), True)
+    self.fc2 = make("fc2", cfg.intermediate_size, d, ("vision_mlp", "vision_embed"), True)
+    self.act = cfg.hidden_act
+
+  def __call__(self, x: jax.Array, rng: Optional[jax.Array]) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), fold_rng(rng, 0))
+    h = L.ACTIVATIONS[self.act](self.fc1(self.layer_norm2(x), fold_rng(rng, 1)))
+    return x + self.fc2(h, fold_rng(rng, 2))
+
+
+class VisionTower(nnx.Module):
+  """pixel_values: float[B, H, W, C] (CLIP-normalised) -> features [B, P(+1), D]."""
+
+  def __init__(self, cfg: VisionConfig, lora: LoRAConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat_policy: str = "none", attention_impl: str = "xla",
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat_policy = remat_policy
+    d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+    init = jax.nn.initializers.normal(stddev=0.02)
+    self.patch_embedding = L.param(init(rngs.params(), (p, p, c, d), param_dtype),
+                                   (None, None, "channels", "vision_embed"))
+    self.class_embedding = L.param(init(rngs.params(), (d,), param_dtype), ("vision_embed",))
+    self.position_embedding = L.param(init(rngs.params(), (cfg.num_patches + 1, d), param_dtype),
+                                      (None, "vision_embed"))
+    self.pre_layrnorm = L.LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="vision_embed",
+                                    param_dtype=param_dtype)
+    self.layers = L.make_layer_stack(
+        lambda r: VisionLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype,
+                              impl=attention_impl, rngs=r), cfg.num_layers, rngs)
+    # Kept for checkpoint round trips; LLaVA's features never pass through it.
+    self.post_layernorm = L.LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="vision_embed",
+                                      param_dtype=param_dtype)
+
+  def embed(self, pixel_values: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, 1 + P, D]: patchify (a stride-p convolution as one matmul)."""
+    b, h, w, c = pixel_values.shape
+    p = self.cfg.patch_size
+    if (h, w) != (self.cfg.image_size,) * 2 or c != self.cfg.num_channels:
+      raise ValueError(f"pixel_values has shape {pixel_values.shape}; expected "
+                       f"[B, {self.cfg.image_size}, {self.cfg.image_size}, {self.cfg.num_channels}]")
+    x = pixel_values.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+    kernel = self.patch_embedding[...].astype(self.dtype).reshape(p * p * c, -1)
+    patches = x @ kernel
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, patches.shape[-1]))
+    x = jnp.concatenate([cls, patches], axis=1)
+    return x + self.position_embedding[...].astype(self.dtype)[None]
+
+  def __call__(self, pixel_values: jax.Array, rng: Optional[jax.Array] = None,
+               *, all_hidden_states: bool = False):
+    """Returns (features, aux). features: [B, P, D] patch tokens of the selected layer
+    ([B, 1 + P, D] with `select_feature: cls_patch`). aux['hidden_states'] (if asked):
+    [num_run + 1, B, 1 + P, D], the embeddings then each run layer's output, as HF's tuple."""
+    x = L.shard_activation(self.pre_layrnorm(self.embed(pixel_values)),
+                           ("batch", None, "vision_embed"))
+    n = self.cfg.feature_layer_count
+    rngs = None if rng is None else jax.random.split(rng, n)
+
+    def body(layer, h, layer_rng):
+      h = layer(h, layer_rng)
+      return h, (h if all_hidden_states else None)
+
+    x_sel, per_layer = L.scan_layers(self.layers, body, x, rngs, num_layers=n,
+                                     remat_policy=self.remat_policy)
+    aux = {}
+    if all_hidden_states:
+      aux["hidden_states"] = jnp.concatenate([x[None], per_layer], axis=0) if n else x[None]
+    features = x_sel if self.cfg.select_feature == "cls_patch" else x_sel[:, 1:]
+    return features, aux

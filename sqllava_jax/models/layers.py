@@ -31,7 +31,7 @@ def param(value: jax.Array, axes: Sequence[Optional[str]]) -> nnx.Param:
   """A parameter annotated with logical axis names (sharded later by the mesh rules)."""
   if len(axes) != value.ndim:
     raise ValueError(f"logical axes {tuple(axes)} do not match a parameter of shape {value.shape}")
-  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:

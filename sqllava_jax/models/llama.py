@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sqllava_jax.config import LLMConfig, LoRAConfig
+from sqllava_jax.convert.keymap import KeySpec, linear_specs, norm_specs, transpose
 from sqllava_jax.models import layers as L
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
@@ -208,3 +209,25 @@ class Llama(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     hidden, cache = self.decode(self.embed(input_ids), positions, **kwargs)
     return self.logits(hidden), cache
+
+
+def hf_key_map(cfg: LLMConfig) -> list[KeySpec]:
+  """Our paths (inside the decoder) <-> transformers `LlamaForCausalLM` names."""
+  n, layer = cfg.num_layers, "model.layers.{layer}"
+  specs = [KeySpec("embed_tokens/embedding", "model.embed_tokens.weight"),
+           *norm_specs("norm", "model.norm", bias=False)]
+  if not cfg.tie_word_embeddings:
+    specs.append(KeySpec("lm_head", "lm_head.weight", transpose, transpose))
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    specs += linear_specs(f"layers/self_attn/{name}", f"{layer}.self_attn.{name}", bias=False,
+                          num_layers=n)
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    specs += linear_specs(f"layers/mlp/{name}", f"{layer}.mlp.{name}", bias=False, num_layers=n)
+  for name in ("input_layernorm", "post_attention_layernorm"):
+    specs += norm_specs(f"layers/{name}", f"{layer}.{name}", bias=False, num_layers=n)
+  return specs
+
+
+def hf_ignored(name: str) -> bool:
+  """Buffers older LLaMA checkpoints saved that carry no weights."""
+  return name.endswith("rotary_emb.inv_freq")

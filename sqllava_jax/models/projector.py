@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from sqllava_jax.config import ProjectorConfig
+from sqllava_jax.convert.keymap import KeySpec, linear_specs, norm_specs, reshape_to, transpose
 from sqllava_jax.models import layers as L
 
 
@@ -108,3 +109,21 @@ def make_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int, *, dtype, pa
                               param_dtype=param_dtype, rngs=rngs)
   depth = {"mlp2x_gelu": 2, "linear": 1}[cfg.type]
   return MLPProjector(in_dim, out_dim, depth=depth, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def reference_key_map(cfg: ProjectorConfig) -> list[KeySpec]:
+  """Our projector paths <-> the reference code's `mm_projector.*` names (no prefix)."""
+  if cfg.type == "cluster":
+    specs = []
+    for name in ("c", "v", "f"):
+      specs += linear_specs(name, name, bias=True)
+    specs += [KeySpec("sim_alpha", "sim_alpha", reshape_to(()), reshape_to((1, 1, 1))),
+              KeySpec("sim_beta", "sim_beta", reshape_to(()), reshape_to((1, 1, 1))),
+              *norm_specs("ln_1", "ln_1", bias=True),
+              *linear_specs("mlp_in", "mlp.0", bias=True),
+              *linear_specs("mlp_out", "mlp.2", bias=True)]
+    return specs
+  if cfg.type == "mlp2x_gelu":
+    return linear_specs("linear_1", "0", bias=True) + linear_specs("linear_2", "2", bias=True)
+  return [KeySpec("linear_1/kernel", "weight", transpose, transpose),
+          KeySpec("linear_1/bias", "bias")]

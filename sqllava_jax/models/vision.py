@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sqllava_jax.config import LoRAConfig, VisionConfig
+from sqllava_jax.convert.keymap import (KeySpec, conv_to_hf, conv_to_ours, linear_specs,
+                                        norm_specs)
 from sqllava_jax.models import layers as L
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
@@ -120,3 +122,31 @@ class VisionTower(nnx.Module):
       aux["hidden_states"] = jnp.concatenate([x[None], per_layer], axis=0) if n else x[None]
     features = x_sel if self.cfg.select_feature == "cls_patch" else x_sel[:, 1:]
     return features, aux
+
+
+def hf_key_map(cfg: VisionConfig) -> list[KeySpec]:
+  """Our paths (inside the tower) <-> transformers `CLIPVisionModel` names (`vision_model.*`)."""
+  n = cfg.num_layers
+  layer = "vision_model.encoder.layers.{layer}"
+  specs = [
+      KeySpec("patch_embedding", "vision_model.embeddings.patch_embedding.weight",
+              conv_to_ours, conv_to_hf),
+      KeySpec("class_embedding", "vision_model.embeddings.class_embedding"),
+      KeySpec("position_embedding", "vision_model.embeddings.position_embedding.weight"),
+      *norm_specs("pre_layrnorm", "vision_model.pre_layrnorm", bias=True),
+      *norm_specs("post_layernorm", "vision_model.post_layernorm", bias=True),
+  ]
+  for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+    specs += linear_specs(f"layers/self_attn/{name}", f"{layer}.self_attn.{name}", bias=True,
+                          num_layers=n)
+  for name in ("fc1", "fc2"):
+    specs += linear_specs(f"layers/{name}", f"{layer}.mlp.{name}", bias=True, num_layers=n)
+  for name in ("layer_norm1", "layer_norm2"):
+    specs += norm_specs(f"layers/{name}", f"{layer}.{name}", bias=True, num_layers=n)
+  return specs
+
+
+def hf_ignored(name: str) -> bool:
+  """Tensors of a CLIP checkpoint that the vision tower does not use: the text tower and
+  projections of a full `CLIPModel`, and the `position_ids` buffer of older files."""
+  return not name.startswith("vision_model.") or name.endswith("embeddings.position_ids")

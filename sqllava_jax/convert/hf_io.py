@@ -1,0 +1,101 @@
+"""Reading Hugging Face checkpoint directories: config.json plus safetensors shards or
+pytorch_model*.bin files (opened with `weights_only=True`, never full unpickling).
+
+Tensors are read lazily, one at a time, so a 7B import never holds two copies in memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory or file that cannot be read as asked."""
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: no config.json")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def _weight_files(directory: str) -> list[str]:
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index = os.path.join(directory, index_name)
+    if os.path.isfile(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+      return [os.path.join(directory, name) for name in files]
+  for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+    files = sorted(glob.glob(os.path.join(directory, pattern)))
+    if files:
+      return files
+  raise CheckpointError(f"{directory}: no weights found (model*.safetensors or "
+                        "pytorch_model*.bin, with or without an index)")
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+  import torch  # Only for .bin checkpoints.
+  if tensor.dtype == torch.bfloat16:
+    tensor = tensor.float()
+  return tensor.detach().cpu().numpy()
+
+
+class CheckpointReader:
+  """Lazy access to the tensors of one HF checkpoint directory (or a list of files)."""
+
+  def __init__(self, directory: str, files: Iterable[str] | None = None):
+    self.where = directory
+    self._files = list(files) if files is not None else _weight_files(directory)
+    self._index: dict[str, str] = {}
+    self._bins: dict[str, dict] = {}
+    for path in self._files:
+      for name in self._names_in(path):
+        self._index[name] = path
+
+  def _names_in(self, path: str) -> list[str]:
+    if path.endswith(".safetensors"):
+      from safetensors import safe_open
+      try:
+        with safe_open(path, framework="np") as f:
+          return list(f.keys())
+      except Exception as e:  # safetensors raises its own error types for damaged files.
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e}); "
+                              "is the file truncated?") from e
+    return list(self._load_bin(path).keys())
+
+  def _load_bin(self, path: str) -> dict:
+    if path not in self._bins:
+      import torch
+      try:
+        self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      except Exception as e:
+        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True) ({e})") from e
+    return self._bins[path]
+
+  def keys(self):
+    return self._index.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    path = self._index.get(name)
+    if path is None:
+      raise CheckpointError(f"{self.where}: no tensor named {name}")
+    if path.endswith(".safetensors"):
+      from safetensors import safe_open
+      try:
+        # The flax framework reads bf16 without torch (numpy alone cannot).
+        with safe_open(path, framework="flax") as f:
+          return np.asarray(f.get_tensor(name))
+      except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name} ({e}); is the file truncated?") from e
+    return _torch_to_numpy(self._load_bin(path)[name])

@@ -1,0 +1,130 @@
+"""Two-way key maps between our parameter paths and Hugging Face tensor names.
+
+Each model module owns its map (a list of `KeySpec`); this module applies a map in either
+direction, checking every tensor: a missing tensor, an unexpected one or a wrong shape is an
+error that names it. Stacked (scanned) layers map to one HF tensor per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+  """torch Linear [out, in] <-> our kernel [in, out]."""
+  return np.ascontiguousarray(x.T)
+
+
+def conv_to_ours(x: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight [O, I, H, W] -> our patch kernel [H, W, I, O]."""
+  return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+
+
+def conv_to_hf(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+
+
+def reshape_to(shape: tuple[int, ...]) -> Transform:
+  return lambda x: np.reshape(x, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySpec:
+  """One parameter: our path ('layers/self_attn/q_proj/kernel') and the HF name, with
+  `{layer}` in the HF name when our parameter stacks `num_layers` per-layer tensors."""
+  ours: str
+  hf: str
+  to_ours: Transform = identity
+  to_hf: Transform = identity
+  num_layers: int = 0
+
+  def hf_names(self) -> list[str]:
+    if not self.num_layers:
+      return [self.hf]
+    return [self.hf.format(layer=i) for i in range(self.num_layers)]
+
+
+def linear_specs(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
+  """A torch `nn.Linear` (weight [out, in], optional bias) as our kernel [in, out] + bias."""
+  specs = [KeySpec(f"{ours}/kernel", f"{hf}.weight", transpose, transpose, num_layers)]
+  if bias:
+    specs.append(KeySpec(f"{ours}/bias", f"{hf}.bias", num_layers=num_layers))
+  return specs
+
+
+def norm_specs(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
+  specs = [KeySpec(f"{ours}/scale", f"{hf}.weight", num_layers=num_layers)]
+  if bias:
+    specs.append(KeySpec(f"{ours}/bias", f"{hf}.bias", num_layers=num_layers))
+  return specs
+
+
+def prefixed(specs: Sequence[KeySpec], ours_prefix: str = "", hf_prefix: str = "") -> list[KeySpec]:
+  return [dataclasses.replace(s, ours=ours_prefix + s.ours, hf=hf_prefix + s.hf) for s in specs]
+
+
+class TensorSource:
+  """Anything with `keys()` and `get(name) -> np.ndarray` (a checkpoint reader or a dict)."""
+
+  def __init__(self, tensors: Mapping[str, np.ndarray], where: str = "tensors"):
+    self._tensors = tensors
+    self.where = where
+
+  def keys(self):
+    return self._tensors.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    return np.asarray(self._tensors[name])
+
+
+def import_tensors(specs: Sequence[KeySpec], source, expected: Mapping[str, tuple[int, ...]],
+                   *, ignore: Callable[[str], bool] = lambda name: False,
+                   dtype: Optional[np.dtype] = None) -> dict[str, np.ndarray]:
+  """HF tensors -> {our path: array}. `expected` gives our shape per path; unconsumed source
+  keys (other than `ignore`d ones) and missing keys are errors naming the tensor."""
+  where = getattr(source, "where", "checkpoint")
+  available = set(source.keys())
+  missing = [n for s in specs for n in s.hf_names() if n not in available]
+  if missing:
+    raise ValueError(f"{where}: {len(missing)} tensors missing, e.g. {', '.join(missing[:5])}")
+  used = {n for s in specs for n in s.hf_names()}
+  unexpected = sorted(n for n in available - used if not ignore(n))
+  if unexpected:
+    raise ValueError(f"{where}: {len(unexpected)} unexpected tensors, e.g. "
+                     f"{', '.join(unexpected[:5])}; is this the right kind of checkpoint?")
+  out = {}
+  for spec in specs:
+    if spec.ours not in expected:
+      raise ValueError(f"key map names {spec.ours!r}, which the model does not have")
+    per_layer = [spec.to_ours(source.get(n)) for n in spec.hf_names()]
+    value = np.stack(per_layer) if spec.num_layers else per_layer[0]
+    if tuple(value.shape) != tuple(expected[spec.ours]):
+      hf_shape = source.get(spec.hf_names()[0]).shape
+      raise ValueError(f"{where}: tensor {spec.hf_names()[0]} has shape {tuple(hf_shape)}, which "
+                       f"gives {tuple(value.shape)} for {spec.ours}; the model expects "
+                       f"{tuple(expected[spec.ours])} (does the config match the weights?)")
+    out[spec.ours] = value.astype(dtype) if dtype is not None else value
+  return out
+
+
+def export_tensors(specs: Sequence[KeySpec], get: Callable[[str], np.ndarray]
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+  """{our path} -> (HF name, tensor) one tensor at a time (streams a 7B export)."""
+  for spec in specs:
+    value = get(spec.ours)
+    if not spec.num_layers:
+      yield spec.hf, spec.to_hf(np.asarray(value))
+      continue
+    if value.shape[0] != spec.num_layers:
+      raise ValueError(f"{spec.ours} has {value.shape[0]} stacked layers; expected {spec.num_layers}")
+    for i, name in enumerate(spec.hf_names()):
+      yield name, spec.to_hf(np.asarray(value[i]))

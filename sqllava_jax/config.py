@@ -221,34 +221,77 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SyntheticDataConfig:
+  """The generated shapes set (`sqllava_jax.data.synthetic`), built in `dir` on first use."""
+  dir: str = "data/synthetic"
+  # 1: captions (template plain); 2: multi-turn questions and answers.
+  stage: int = 2
+  num_train: int = 4000
+  num_eval: int = 500
+  # Image side in pixels; 0 means the vision tower's `model.vision.image_size`.
+  image_size: int = 0
+  vocab_size: int = 512
+  seed: int = 0
+
+  def __post_init__(self):
+    _check(self.stage in (1, 2), f"data.synthetic.stage={self.stage} must be 1 or 2")
+    _check(self.num_train > 0 and self.num_eval > 0,
+           f"data.synthetic.num_train={self.num_train} and num_eval={self.num_eval} must be > 0")
+    _check(self.image_size == 0 or self.image_size >= 16,
+           f"data.synthetic.image_size={self.image_size} must be 0 (vision size) or >= 16")
+    _check(self.vocab_size >= 300,
+           f"data.synthetic.vocab_size={self.vocab_size} must be >= 300 (256 byte pieces + words)")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where training examples come from and how they become fixed-shape batches."""
   source: Literal["json", "tfds", "synthetic"] = "json"
   json_path: str = ""
   image_folder: str = ""
   tfds_dir: str = ""
+  # TFDS split, or the synthetic set's split (train / eval).
+  split: str = "train"
   tokenizer: str = ""
   template: Literal["plain", "vicuna_v1", "v1_sq"] = "v1_sq"
+  # Probability that a human turn (after the first, of an image record) becomes VUSER.
   sq_r: float = 0.0
   image_aspect_ratio: Literal["pad", "square"] = "pad"
   max_length: int = 2048
   # Pad rows to the smallest bucket that fits (static shapes); empty: always max_length.
   length_buckets: tuple[int, ...] = ()
   shuffle: bool = True
+  # Passes over the data; 0 repeats forever (training then stops at train.max_steps).
   num_epochs: int = 1
   seed: int = 0
+  # Worker processes (0: build batches in the training process) and threads per process.
   num_workers: int = 0
+  num_threads: int = 1
+  # Batches buffered per worker (and examples per batch row in the thread prefetch).
   prefetch: int = 2
+  # Drop a short last batch; keep it (padded with empty rows, example_index -1) for eval.
+  drop_remainder: bool = True
+  # Fail on the first bad record instead of skipping and counting it.
   strict: bool = False
   max_image_pixels: int = 50_000_000
   log_first_bad: int = 5
+  synthetic: SyntheticDataConfig = SyntheticDataConfig()
 
   def __post_init__(self):
     _check(0.0 <= self.sq_r <= 1.0, f"data.sq_r={self.sq_r} must be in [0, 1]")
+    _check(self.sq_r == 0.0 or self.template == "v1_sq",
+           f"data.sq_r={self.sq_r} relabels questions as VUSER turns, which only template "
+           f"v1_sq has (data.template={self.template})")
     _check(self.max_length > 0, f"data.max_length={self.max_length} must be > 0")
     for b in self.length_buckets:
       _check(0 < b <= self.max_length,
              f"data.length_buckets: {b} must be in 1..data.max_length={self.max_length}")
+    _check(self.seed >= 0, f"data.seed={self.seed} must be >= 0")
+    _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+    _check(self.num_threads >= 1, f"data.num_threads={self.num_threads} must be >= 1")
+    _check(self.prefetch >= 1, f"data.prefetch={self.prefetch} must be >= 1")
+    _check(self.max_image_pixels > 0,
+           f"data.max_image_pixels={self.max_image_pixels} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

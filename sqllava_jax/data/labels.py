@@ -1,0 +1,112 @@
+"""Token ids and loss labels of a conversation, checked against the whole prompt's tokens.
+
+The reference finds the trained tokens by tokenising each round again and counting
+(llava `train.py`, `preprocess_v1_sq2`); when the counts disagree it silently sets every
+label of the example to ignore. Here each segment of `templates.render_segments` is
+tokenised once, labels follow the segments, and the concatenation must equal the legacy
+tokenisation of the whole prompt; an example where it does not is refused
+(`tokenization_mismatch`), as is one left with nothing to train after truncation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sqllava_jax.data.errors import BadRecord
+from sqllava_jax.data.templates import Segment, Template, get_template, render_segments
+from sqllava_jax.data.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedConversation:
+  """input_ids, labels: int32[L] (labels unshifted, IGNORE_INDEX where no loss);
+  segment_of_token: int32[L], the index into `segments` each token came from."""
+  prompt: str
+  segments: tuple[Segment, ...]
+  input_ids: np.ndarray
+  labels: np.ndarray
+  segment_of_token: np.ndarray
+
+  @property
+  def num_trained(self) -> int:
+    return int((self.labels != IGNORE_INDEX).sum())
+
+
+def tokenize_segments(tokenizer: Tokenizer, segments: Sequence[Segment], *,
+                      num_image_tokens: int, image_token_id: int) -> list[list[int]]:
+  """Token ids of each segment (a text segment after text drops the space its dummy
+  prefix stands for)."""
+  out = []
+  previous = None
+  for seg in segments:
+    if seg.kind == "bos":
+      ids = [tokenizer.bos_id]
+    elif seg.kind == "eos":
+      ids = [tokenizer.eos_id]
+    elif seg.kind == "image":
+      ids = [image_token_id] * num_image_tokens
+    else:
+      text = seg.text
+      if previous == "text":
+        assert text.startswith(" "), f"segment {seg!r} continues a text chunk without a space"
+        text = text[1:]
+      ids = tokenizer.encode(text)
+    out.append(ids)
+    previous = seg.kind
+  return out
+
+
+def tokenize_conversation(tokenizer: Tokenizer, template: str | Template,
+                          turns: Sequence[tuple[str, str]], *, num_image_tokens: int,
+                          image_token_id: int = -200,
+                          max_length: Optional[int] = None) -> TokenizedConversation:
+  """Tokens and labels of a training conversation, truncated to `max_length`.
+
+  Raises `BadRecord` when the turns do not fit the template, when the per-segment tokens
+  differ from the whole prompt's, or when truncation leaves no trained token or cuts
+  through the image placeholders.
+  """
+  template = get_template(template)
+  segments = tuple(render_segments(template, turns))
+  per_segment = tokenize_segments(tokenizer, segments, num_image_tokens=num_image_tokens,
+                                  image_token_id=image_token_id)
+  prompt = "".join(s.text for s in segments)
+  ids = [i for seg_ids in per_segment for i in seg_ids]
+  whole = tokenizer.encode_prompt(prompt, num_image_tokens=num_image_tokens,
+                                  image_token_id=image_token_id)
+  if ids != whole:
+    at = next((k for k, (a, b) in enumerate(zip(ids, whole)) if a != b), min(len(ids), len(whole)))
+    raise BadRecord("tokenization_mismatch",
+                    f"token {at} differs ({len(ids)} per-turn tokens vs {len(whole)} for the "
+                    f"whole prompt) near {_context(tokenizer, whole, at)!r}")
+  labels = [i if seg.trained else IGNORE_INDEX
+            for seg, seg_ids in zip(segments, per_segment) for i in seg_ids]
+  owner = [k for k, seg_ids in enumerate(per_segment) for _ in seg_ids]
+  input_ids = np.asarray(ids, np.int32)
+  labels = np.asarray(labels, np.int32)
+  owner = np.asarray(owner, np.int32)
+  if max_length is not None and len(input_ids) > max_length:
+    input_ids, labels, owner = _truncate(input_ids, labels, owner, max_length, image_token_id)
+  if not (labels != IGNORE_INDEX).any():
+    raise BadRecord("nothing_to_train",
+                    f"no trained token among the {len(input_ids)} tokens kept"
+                    + (f" (max_length {max_length})" if max_length else ""))
+  return TokenizedConversation(prompt, segments, input_ids, labels, owner)
+
+
+def _truncate(input_ids, labels, owner, max_length, image_token_id):
+  is_image = input_ids == image_token_id
+  if is_image.any() and is_image[max_length:].any():
+    raise BadRecord("image_truncated",
+                    f"max_length {max_length} cuts the image placeholders at "
+                    f"{int(np.argmax(is_image))}..{len(is_image) - int(np.argmax(is_image[::-1]))}")
+  return input_ids[:max_length], labels[:max_length], owner[:max_length]
+
+
+def _context(tokenizer: Tokenizer, ids: Sequence[int], at: int) -> str:
+  return tokenizer.decode(ids[max(0, at - 8):at + 8], skip_special_tokens=False)

@@ -1,0 +1,129 @@
+"""Random-access record sources: a LLaVA JSON file with an image folder, or a TFDS build.
+
+`source[i]` gives `(raw_record, read_image)`: the record as parsed JSON and a function that
+returns the record's encoded image bytes or raises `BadRecord` (missing, zero-byte, outside
+the folder). Both sources pickle cheaply, so Grain can ship them to worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from sqllava_jax.data.errors import BadRecord
+from sqllava_jax.data.images import read_image_file, resolve_image_path
+
+ReadImage = Callable[[], bytes]
+
+
+class JsonSource:
+  """The records of a LLaVA JSON list (or JSON-lines file), with images under `image_folder`.
+
+  Records are kept re-encoded in one bytes buffer with offsets, not as Python objects: that
+  is about the file's size in memory, and one buffer to copy to each worker.
+  """
+
+  def __init__(self, json_path: str, image_folder: str = ""):
+    self.path = os.fspath(json_path)
+    self.image_folder = os.fspath(image_folder)
+    records = _read_records(self.path)
+    encoded = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() for r in records]
+    self._offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+    self._blob = b"".join(encoded)
+
+  def __len__(self) -> int:
+    return len(self._offsets) - 1
+
+  def __getitem__(self, index: int) -> tuple[Any, ReadImage]:
+    raw = json.loads(self._blob[self._offsets[index]:self._offsets[index + 1]])
+    return raw, functools.partial(self._read_image, raw)
+
+  def _read_image(self, raw) -> bytes:
+    relative = raw["image"]
+    if not self.image_folder:
+      raise BadRecord("missing_image", f"image {relative!r} but data.image_folder is not set")
+    return read_image_file(resolve_image_path(self.image_folder, relative), name=relative)
+
+  def __repr__(self) -> str:
+    return f"JsonSource({self.path!r}, {len(self)} records)"
+
+
+def _read_records(path: str) -> list:
+  if not os.path.isfile(path):
+    raise ValueError(f"data file {path!r} does not exist; set data.json_path")
+  with open(path, "rb") as f:
+    if path.endswith((".jsonl", ".jsonlines")):
+      return [json.loads(line) for line in f if line.strip()]
+    records = json.load(f)
+  if not isinstance(records, list):
+    raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+  return records
+
+
+class TfdsSource:
+  """A split written by `sqllava-jax build-dataset`, read through `tfds` without TensorFlow."""
+
+  def __init__(self, tfds_dir: str, split: str = "train"):
+    self.path = find_tfds_version_dir(tfds_dir)
+    self.split = split
+    self._open()
+
+  def _open(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder_from_directory(self.path)
+    if self.split not in builder.info.splits:
+      raise ValueError(f"{self.path} has no split {self.split!r}; it has "
+                       f"{', '.join(builder.info.splits)} (set data.split)")
+    self._data = builder.as_data_source(self.split)
+
+  def __getstate__(self):
+    return {"path": self.path, "split": self.split}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._open()
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def __getitem__(self, index: int) -> tuple[Any, ReadImage]:
+    example = self._data[index]
+    raw = json.loads(example["record"])
+    return raw, functools.partial(_stored_image, example, raw)
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.path!r}, split={self.split!r}, {len(self)} records)"
+
+
+def _stored_image(example, raw) -> bytes:
+  reason = _text(example["image_error"])
+  if reason:
+    raise BadRecord(reason, _text(example["image_error_detail"]))
+  data = example["image_bytes"]
+  if not data:
+    raise BadRecord("empty_image_file", f"image {raw.get('image')!r} has zero bytes")
+  return bytes(data)
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def find_tfds_version_dir(path: str) -> str:
+  """The directory holding `dataset_info.json`: `path` itself or its single dataset/version."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    return path
+  found = []
+  for root, _, files in os.walk(path):
+    if "dataset_info.json" in files and "incomplete" not in root:
+      found.append(root)
+  if len(found) != 1:
+    what = "no" if not found else f"{len(found)}"
+    raise ValueError(f"{what} TFDS datasets under {path!r}; set data.tfds_dir to the directory "
+                     "that holds dataset_info.json (written by `sqllava-jax build-dataset`)")
+  return found[0]

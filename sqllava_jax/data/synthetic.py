@@ -1,0 +1,381 @@
+"""A generated shapes data set for tests and the CPU demo: learnable from scratch in minutes.
+
+Each image shows one to four shapes (circle, square, triangle) in four colours, one per
+cell of a 2 x 2 grid, on a dark background. Records are LLaVA-format JSON:
+
+- stage 1 (template `plain`): `<image>` -> a caption listing every shape;
+- stage 2 (templates `vicuna_v1` / `v1_sq`): two to four single-word questions and
+  answers about colour, shape, count and position, sometimes preceded by the
+  self-questioning protocol's opening question, answered with the caption.
+
+Every record carries its `scene`, so evaluation can score answers (`answer_question`, exact
+match against single-word answers) and self-asked questions (`question_is_valid`). The
+`eval` split holds scenes that never occur in `train`; `vqa_eval.json` asks one question of
+each type about each of them. Uniform-guess chance per question type is `CHANCE`.
+Everything is a function of the seed.
+
+    paths = generate("data/synthetic", seed=0, num_train=4000, num_eval=500, image_size=64)
+    paths.json(2, "train"), paths.image_folder, paths.tokenizer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import sentencepiece as spm
+from PIL import Image, ImageDraw
+
+from sqllava_jax.data.records import parse_record
+from sqllava_jax.data.templates import USER, VUSER, build_prompt
+from sqllava_jax.data.tokenizer import IMAGE_TOKEN
+
+COLORS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240),
+          "yellow": (240, 210, 30)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("color", "shape", "count", "position")
+# Uniform-guess accuracy per question type (counts are one..four).
+CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "count": 1 / 4,
+          "position": 1 / len(POSITIONS)}
+DESCRIBE_QUESTION = "Can you describe the image in detail?"
+CAPTION_PROMPT = "Describe the image briefly."
+SPLITS = ("train", "eval")
+FORMAT_VERSION = 1
+
+_QUESTION_FORMS = {
+    "color": "What color is the shape at the {position}?",
+    "shape": "What shape is at the {position}?",
+    "count": "How many shapes are there?",
+    "position": "Where is the {color} {shape}?",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+  color: str
+  shape: str
+  position: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """Shapes in grid order (top-left, top-right, bottom-left, bottom-right)."""
+  objects: tuple[SceneObject, ...]
+
+  def at(self, position: str) -> Optional[SceneObject]:
+    return next((o for o in self.objects if o.position == position), None)
+
+  def find(self, color: str, shape: str) -> list[SceneObject]:
+    return [o for o in self.objects if o.color == color and o.shape == shape]
+
+  def to_json(self) -> list[dict]:
+    return [dataclasses.asdict(o) for o in self.objects]
+
+  @classmethod
+  def from_json(cls, objects: Sequence[dict]) -> "Scene":
+    return cls(tuple(SceneObject(**o) for o in objects))
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+  count = int(rng.integers(1, len(POSITIONS) + 1))
+  cells = sorted(rng.choice(len(POSITIONS), size=count, replace=False).tolist())
+  colors, shapes = list(COLORS), list(SHAPES)
+  return Scene(tuple(SceneObject(colors[int(rng.integers(len(colors)))],
+                                 shapes[int(rng.integers(len(shapes)))], POSITIONS[c])
+                     for c in cells))
+
+
+def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
+  """RGB image [size, size]: each shape fills about 70% of its grid cell, jittered a little."""
+  shade = int(rng.integers(20, 60))
+  img = Image.new("RGB", (size, size), (shade, shade, shade))
+  draw = ImageDraw.Draw(img)
+  cell = size / 2
+  for obj in scene.objects:
+    row, col = divmod(POSITIONS.index(obj.position), 2)
+    half = 0.35 * cell
+    cx = (col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+    cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+    box = (cx - half, cy - half, cx + half, cy + half)
+    color = COLORS[obj.color]
+    if obj.shape == "circle":
+      draw.ellipse(box, fill=color)
+    elif obj.shape == "square":
+      draw.rectangle(box, fill=color)
+    else:
+      draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=color)
+  return img
+
+
+def caption(scene: Scene) -> str:
+  """'two shapes: a red circle at the top-left and a blue square at the bottom-right.'"""
+  parts = [f"a {o.color} {o.shape} at the {o.position}" for o in scene.objects]
+  listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+  noun = "shape" if len(parts) == 1 else "shapes"
+  return f"{NUMBERS[len(parts)]} {noun}: {listed}."
+
+
+def questions(scene: Scene) -> list[tuple[str, str, str]]:
+  """Every well-posed (question, answer, question_type) about `scene`."""
+  out = []
+  for o in scene.objects:
+    out.append((_QUESTION_FORMS["color"].format(position=o.position), o.color, "color"))
+    out.append((_QUESTION_FORMS["shape"].format(position=o.position), o.shape, "shape"))
+    if len(scene.find(o.color, o.shape)) == 1:
+      out.append((_QUESTION_FORMS["position"].format(color=o.color, shape=o.shape), o.position,
+                  "position"))
+  out.append((_QUESTION_FORMS["count"], NUMBERS[len(scene.objects)], "count"))
+  return out
+
+
+def _word(options: Iterable[str]) -> str:
+  return "(" + "|".join(re.escape(o) for o in options) + ")"
+
+
+_PARSERS = {
+    "color": re.compile(r"what colou?r is the shape at the " + _word(POSITIONS) + r"\?"),
+    "shape": re.compile(r"what shape is at the " + _word(POSITIONS) + r"\?"),
+    "count": re.compile(r"how many shapes are there\?"),
+    "position": re.compile(r"where is the " + _word(COLORS) + " " + _word(SHAPES) + r"\?"),
+}
+
+
+def parse_question(question: str) -> Optional[tuple[str, tuple[str, ...]]]:
+  """(question_type, slots) for a question in the set's closed grammar, else None."""
+  text = " ".join(question.strip().lower().split())
+  for qtype, pattern in _PARSERS.items():
+    m = pattern.fullmatch(text)
+    if m:
+      return qtype, m.groups()
+  return None
+
+
+def answer_question(question: str, scene: Scene) -> Optional[str]:
+  """The gold single-word answer, or None when the question is malformed or not about
+  something in the image (no shape at that position; no unique shape of that kind)."""
+  parsed = parse_question(question)
+  if parsed is None:
+    return None
+  qtype, slots = parsed
+  if qtype == "count":
+    return NUMBERS[len(scene.objects)]
+  if qtype == "position":
+    found = scene.find(*slots)
+    return found[0].position if len(found) == 1 else None
+  obj = scene.at(slots[0])
+  if obj is None:
+    return None
+  return obj.color if qtype == "color" else obj.shape
+
+
+def question_is_valid(question: str, scene: Scene) -> bool:
+  """A well-formed question about objects actually in the image (the `synthetic_sq` score)."""
+  return answer_question(question, scene) is not None
+
+
+def is_correct(prediction: str, gold: str) -> bool:
+  """Exact match after trimming whitespace, case and a final full stop."""
+  return prediction.strip().rstrip(".").strip().lower() == gold.lower()
+
+
+def _stage1_record(rid: str, image: str, scene: Scene) -> dict:
+  return {"id": rid, "image": image, "scene": scene.to_json(),
+          "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                            {"from": "gpt", "value": caption(scene)}]}
+
+
+def _stage2_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
+  pool = questions(scene)
+  picks = rng.permutation(len(pool))[:int(rng.integers(2, 5))]
+  qa = [(pool[i][0], pool[i][1]) for i in picks]
+  if rng.random() < 0.25:
+    qa.insert(0, (DESCRIBE_QUESTION, caption(scene)))
+  conversations = []
+  for k, (q, a) in enumerate(qa):
+    conversations.append({"from": "human", "value": f"<image>\n{q}" if k == 0 else q})
+    conversations.append({"from": "gpt", "value": a})
+  return {"id": rid, "image": image, "scene": scene.to_json(), "conversations": conversations}
+
+
+def _vqa_records(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> list[dict]:
+  by_type: dict[str, list] = {}
+  for q, a, t in questions(scene):
+    by_type.setdefault(t, []).append((q, a))
+  out = []
+  for qtype in QUESTION_TYPES:
+    if qtype in by_type:
+      q, a = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
+      out.append({"id": f"{rid}-{qtype}", "image": image, "scene": scene.to_json(),
+                  "question": q, "answer": a, "question_type": qtype,
+                  "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                    {"from": "gpt", "value": a}]})
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticPaths:
+  root: str
+
+  @property
+  def image_folder(self) -> str:
+    return os.path.join(self.root, "images")
+
+  @property
+  def tokenizer(self) -> str:
+    return os.path.join(self.root, "tokenizer.model")
+
+  @property
+  def manifest(self) -> str:
+    return os.path.join(self.root, "manifest.json")
+
+  def json(self, stage: int, split: str) -> str:
+    if split not in SPLITS:
+      raise ValueError(f"synthetic split {split!r} does not exist; choose one of {', '.join(SPLITS)}")
+    return os.path.join(self.root, f"stage{stage}_{split}.json")
+
+  def vqa(self, split: str = "eval") -> str:
+    return os.path.join(self.root, f"vqa_{split}.json")
+
+
+def dataset_paths(root: str) -> SyntheticPaths:
+  return SyntheticPaths(os.fspath(root))
+
+
+def _scenes(seed: int, split: str, count: int, exclude: set) -> list[tuple[Scene, np.random.Generator]]:
+  split_id = SPLITS.index(split)
+  out, k = [], 0
+  while len(out) < count:
+    rng = np.random.default_rng([seed, split_id, k])
+    k += 1
+    scene = random_scene(rng)
+    if scene in exclude:
+      continue
+    out.append((scene, rng))
+  return out
+
+
+def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int = 500,
+             image_size: int = 64, vocab_size: int = 512) -> SyntheticPaths:
+  """Writes images, the JSON files and `tokenizer.model` under `root` (replacing it)."""
+  params = dict(version=FORMAT_VERSION, seed=seed, num_train=num_train, num_eval=num_eval,
+                image_size=image_size, vocab_size=vocab_size)
+  paths = dataset_paths(root)
+  os.makedirs(paths.image_folder, exist_ok=True)
+  train = _scenes(seed, "train", num_train, exclude=set())
+  held_out = _scenes(seed, "eval", num_eval, exclude={s for s, _ in train})
+  files: dict[str, list] = {}
+  for split, scenes in (("train", train), ("eval", held_out)):
+    stage1, stage2, vqa = [], [], []
+    for i, (scene, rng) in enumerate(scenes):
+      rid, image = f"{split}-{i:06d}", f"{split}_{i:06d}.png"
+      render_scene(scene, image_size, rng).save(os.path.join(paths.image_folder, image))
+      stage1.append(_stage1_record(rid, image, scene))
+      stage2.append(_stage2_record(rid, image, scene, rng))
+      vqa.extend(_vqa_records(rid, image, scene, rng))
+    files[paths.json(1, split)] = stage1
+    files[paths.json(2, split)] = stage2
+    files[paths.vqa(split)] = vqa
+  for path, records in files.items():
+    with open(path, "w") as f:
+      json.dump(records, f, indent=0)
+  # A thousand records already hold every word of the closed vocabulary many times.
+  train_tokenizer(corpus(files[paths.json(1, "train")][:1000], files[paths.json(2, "train")][:1000]),
+                  paths.tokenizer, vocab_size=vocab_size)
+  with open(paths.manifest, "w") as f:
+    json.dump({"params": params, "chance": CHANCE,
+               "counts": {os.path.basename(p): len(r) for p, r in files.items()}}, f, indent=1)
+  return paths
+
+
+def ensure_dataset(cfg, *, image_size: int) -> SyntheticPaths:
+  """The set `cfg` (a `SyntheticDataConfig`) describes, generated on first use.
+
+  Generation writes to a temporary folder renamed into place, so processes that start
+  together do not see half a set; an existing set with other parameters is an error.
+  """
+  size = cfg.image_size or image_size
+  params = dict(version=FORMAT_VERSION, seed=cfg.seed, num_train=cfg.num_train,
+                num_eval=cfg.num_eval, image_size=size, vocab_size=cfg.vocab_size)
+  paths = dataset_paths(cfg.dir)
+  if not os.path.exists(paths.manifest):
+    parent = os.path.dirname(os.path.abspath(cfg.dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
+    try:
+      generate(tmp, **{k: v for k, v in params.items() if k != "version"})
+      try:
+        os.rename(tmp, cfg.dir)
+      except OSError:
+        if not os.path.exists(paths.manifest):
+          raise
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  with open(paths.manifest) as f:
+    found = json.load(f)["params"]
+  if found != params:
+    raise ValueError(f"{cfg.dir} holds a synthetic set made with {found}, not {params}; "
+                     "delete it or set data.synthetic.dir elsewhere")
+  return paths
+
+
+def corpus(stage1: Sequence[dict], stage2: Sequence[dict]) -> list[str]:
+  """Text a tokenizer for this set should know: captions and whole prompts, system prompt
+  and role tags included, in the layouts of `vicuna_v1` and `v1_sq`."""
+  lines = [r["conversations"][1]["value"] for r in stage1]
+  for r in stage2:
+    turns = parse_record(r, index=0).turns
+    asked = tuple((VUSER if i and role == USER else role, text)
+                  for i, (role, text) in enumerate(turns))
+    lines.append(build_prompt("vicuna_v1", turns))
+    lines.append(build_prompt("v1_sq", asked))
+  # The tokenizer never sees `</s>` or `<image>` as text: it encodes the pieces between.
+  return [piece for line in lines for piece in re.split("</s>|<image>", line) if piece]
+
+
+def train_tokenizer(lines: Sequence[str], model_path: str, *, vocab_size: int = 512) -> str:
+  """Trains a byte-fallback BPE SentencePiece model in LLaMA's layout (unk 0, bos 1, eos 2,
+  no pad, dummy prefix, no whitespace normalisation) and writes it to `model_path`."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+      model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+      add_dummy_prefix=True, remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
+      shuffle_input_sentence=False, minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+  with open(model_path, "wb") as f:
+    f.write(model.getvalue())
+  return model_path
+
+
+@dataclasses.dataclass(frozen=True)
+class VQAItem:
+  id: str
+  image: str  # path under the image folder
+  question: str
+  answer: str
+  question_type: str
+  scene: Scene
+
+
+def load_vqa(root: str, split: str = "eval") -> list[VQAItem]:
+  """The held-out single questions with gold answers (task `synthetic_vqa`)."""
+  with open(dataset_paths(root).vqa(split)) as f:
+    return [VQAItem(r["id"], r["image"], r["question"], r["answer"], r["question_type"],
+                    Scene.from_json(r["scene"])) for r in json.load(f)]
+
+
+def load_scenes(root: str, split: str = "eval") -> list[tuple[str, str, Scene]]:
+  """(id, image path under the image folder, scene) of every image (task `synthetic_sq`)."""
+  with open(dataset_paths(root).json(2, split)) as f:
+    return [(r["id"], r["image"], Scene.from_json(r["scene"])) for r in json.load(f)]

@@ -17,7 +17,7 @@ from flax import nnx
 
 from sqllava_jax.config import LLMConfig, LoRAConfig, ModelConfig, VisionConfig
 from sqllava_jax.convert.hf_io import CheckpointError, CheckpointReader, read_config
-from sqllava_jax.convert.keymap import import_tensors, prefixed
+from sqllava_jax.convert.keymap import PrefixedSource, import_tensors, prefixed
 from sqllava_jax.models import llama, vision
 from sqllava_jax.models.layers import dtype_of
 from sqllava_jax.models.sqllava import SQLLaVA
@@ -51,7 +51,10 @@ def read_clip_vision(directory: str, cfg: VisionConfig, expected: Mapping[str, t
                      prefix: str = "") -> dict[str, np.ndarray]:
   """{our path: array} for a transformers CLIP (full or vision-only) directory."""
   specs = prefixed(vision.hf_key_map(cfg), ours_prefix=prefix)
-  return import_tensors(specs, CheckpointReader(directory), expected, ignore=vision.hf_ignored)
+  reader = CheckpointReader(directory)
+  if not any(name.startswith("vision_model.") for name in reader.keys()):
+    reader = PrefixedSource(reader, "vision_model.")
+  return import_tensors(specs, reader, expected, ignore=vision.hf_ignored)
 
 
 def abstract_shapes(make: Callable[[nnx.Rngs], nnx.Module]) -> dict[str, tuple[int, ...]]:

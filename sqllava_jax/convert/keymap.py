@@ -86,6 +86,22 @@ class TensorSource:
     return np.asarray(self._tensors[name])
 
 
+class PrefixedSource:
+  """A view of `source` with `prefix` added to every name that lacks it (transformers 5 saves
+  `CLIPVisionModel` without the `vision_model.` prefix that older and full-CLIP files carry)."""
+
+  def __init__(self, source, prefix: str):
+    self._source = source
+    self.where = getattr(source, "where", "checkpoint")
+    self._names = {(n if n.startswith(prefix) else prefix + n): n for n in source.keys()}
+
+  def keys(self):
+    return self._names.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._source.get(self._names[name])
+
+
 def import_tensors(specs: Sequence[KeySpec], source, expected: Mapping[str, tuple[int, ...]],
                    *, ignore: Callable[[str], bool] = lambda name: False,
                    dtype: Optional[np.dtype] = None) -> dict[str, np.ndarray]:
@@ -105,13 +121,18 @@ def import_tensors(specs: Sequence[KeySpec], source, expected: Mapping[str, tupl
   for spec in specs:
     if spec.ours not in expected:
       raise ValueError(f"key map names {spec.ours!r}, which the model does not have")
-    per_layer = [spec.to_ours(source.get(n)) for n in spec.hf_names()]
+    want = tuple(expected[spec.ours])
+    per_layer = []
+    for name in spec.hf_names():
+      raw = source.get(name)
+      value = spec.to_ours(raw)
+      if tuple(value.shape) != (want[1:] if spec.num_layers else want):
+        raise ValueError(f"{where}: tensor {name} has shape {tuple(raw.shape)}, which does not "
+                         f"fit {spec.ours} of shape {want}"
+                         f"{' (stacked over layers)' if spec.num_layers else ''}; "
+                         "does the config match the weights?")
+      per_layer.append(value)
     value = np.stack(per_layer) if spec.num_layers else per_layer[0]
-    if tuple(value.shape) != tuple(expected[spec.ours]):
-      hf_shape = source.get(spec.hf_names()[0]).shape
-      raise ValueError(f"{where}: tensor {spec.hf_names()[0]} has shape {tuple(hf_shape)}, which "
-                       f"gives {tuple(value.shape)} for {spec.ours}; the model expects "
-                       f"{tuple(expected[spec.ours])} (does the config match the weights?)")
     out[spec.ours] = value.astype(dtype) if dtype is not None else value
   return out
 

@@ -62,7 +62,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple and args:
       if len(args) != len(value):
         raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-      return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+      return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     elem = args[0] if args else Any
     return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
   if origin in (dict, Mapping) or tp is dict:

@@ -1,0 +1,84 @@
+"""Data-parallel evaluation: the batch split over the mesh's `data` and `fsdp` axes.
+
+Evaluation keeps the weights replicated and splits only the batch (the leading axis); each
+process passes its own rows and gets its own rows back, and reads only its shard of the
+questions (`process_shard`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def eval_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """All devices on the `data` axis (fsdp and tensor of size 1): the evaluation mesh."""
+  devices = np.asarray(list(devices if devices is not None else jax.devices()))
+  return Mesh(devices.reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+
+
+def batch_ways(mesh: Mesh) -> int:
+  """How many slices the batch is split into."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_spec(mesh: Mesh, ndim: int) -> NamedSharding:
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def check_batch_size(mesh: Mesh, global_batch: int) -> None:
+  ways = batch_ways(mesh)
+  if global_batch % ways:
+    raise ValueError(f"batch size {global_batch} is not divisible by the {ways} data-parallel "
+                     f"slices of the mesh; choose a multiple of {ways}")
+
+
+def shard_batch(mesh: Mesh, arrays: Sequence[Any]) -> tuple:
+  """This process's rows of each array (None passes through) -> global arrays split on the
+  leading axis."""
+  out = []
+  for a in arrays:
+    if a is None:
+      out.append(None)
+      continue
+    sharding = batch_spec(mesh, np.ndim(a))
+    global_rows = np.shape(a)[0] * jax.process_count()
+    check_batch_size(mesh, global_rows)
+    out.append(jax.make_array_from_process_local_data(sharding, np.asarray(a)))
+  return tuple(out)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """The rows of a batch-split global array that live on this process, in order."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for s in x.addressable_shards:
+    start = s.index[0].start or 0
+    shards.setdefault(start, np.asarray(s.data))
+  return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
+
+
+def process_shard(items: Sequence[Any], process_index: int, process_count: int) -> list:
+  """The items this process evaluates: every `process_count`-th, starting at its index."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in 0..{process_count - 1}")
+  return list(items[process_index::process_count])
+
+
+def num_batches(total: int, process_count: int, local_batch: int) -> int:
+  """Batches every process runs: enough for the largest shard (collectives need all
+  processes to run the same number of steps; short shards run padding rows)."""
+  largest = -(-total // process_count)
+  return max(1, -(-largest // local_batch))

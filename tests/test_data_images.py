@@ -163,7 +163,7 @@ def test_image_paths_stay_inside_the_folder(tmp_path):
 def test_missing_and_empty_files(tmp_path):
   with pytest.raises(BadRecord) as e:
     images.read_image_file(str(tmp_path / "nope.png"), name="nope.png")
-  assert e.value.reason == "missing_image" and e.value.file.endswith("nope.png")
+  assert e.value.reason == "missing_image" and e.value.image_file.endswith("nope.png")
   (tmp_path / "zero.png").write_bytes(b"")
   with pytest.raises(BadRecord) as e:
     images.read_image_file(str(tmp_path / "zero.png"), name="zero.png")

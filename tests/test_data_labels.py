@@ -245,8 +245,9 @@ def test_a_tokenizer_that_merges_across_spaces_is_refused(tmp_path):
 
 
 def test_bad_record_message_names_the_record():
-  err = BadRecord("missing_image", "image 'a.png' not found", file="/data/img/a.png")
+  err = BadRecord("missing_image", "image 'a.png' not found", image_file="/data/img/a.png")
   err = err.with_context(record_id="r7", index=7, file="train.json")
   assert "record 'r7'" in str(err) and "index 7" in str(err) and "/data/img/a.png" in str(err)
+  assert "train.json" in str(err)
   assert "data.image_folder" in str(err)
   assert json.dumps(str(err))

@@ -46,21 +46,24 @@ class BadRecord(ValueError):
   """A record that cannot become a training example, with its reason and location."""
 
   def __init__(self, reason: str, detail: str, *, record_id: Optional[str] = None,
-               index: Optional[int] = None, file: Optional[str] = None):
+               index: Optional[int] = None, file: Optional[str] = None,
+               image_file: Optional[str] = None):
     assert reason in REASONS, reason
     self.reason = reason
     self.detail = detail
     self.record_id = record_id
     self.index = index
-    self.file = file
+    self.file = file  # the data file holding the record
+    self.image_file = image_file
     super().__init__(self._message())
 
-  def with_context(self, *, record_id=None, index=None, file=None) -> "BadRecord":
-    """The same error with the record's id, index and file filled in where still unknown."""
-    return BadRecord(self.reason, self.detail,
-                     record_id=self.record_id if self.record_id is not None else record_id,
-                     index=self.index if self.index is not None else index,
-                     file=self.file if self.file is not None else file)
+  def with_context(self, **context) -> "BadRecord":
+    """The same error with record_id, index, file, image_file filled in where unknown."""
+    fields = {k: getattr(self, k) for k in ("record_id", "index", "file", "image_file")}
+    for key, value in context.items():
+      if fields[key] is None:
+        fields[key] = value
+    return BadRecord(self.reason, self.detail, **fields)
 
   def _message(self) -> str:
     where = []
@@ -69,18 +72,21 @@ class BadRecord(ValueError):
     if self.index is not None:
       where.append(f"index {self.index}")
     if self.file:
-      where.append(f"file {self.file}")
+      where.append(f"in {self.file}")
+    if self.image_file:
+      where.append(f"image file {self.image_file}")
     head = f"[{self.reason}] " + (", ".join(where) + ": " if where else "")
     return f"{head}{self.detail}. Fix: {REASONS[self.reason]}"
 
   def __reduce__(self):
     # Keeps reason and context when the error crosses a process boundary (Grain workers).
     return (_rebuild_bad_record, (self.reason, self.detail, self.record_id, self.index,
-                                  self.file))
+                                  self.file, self.image_file))
 
 
-def _rebuild_bad_record(reason, detail, record_id, index, file) -> BadRecord:
-  return BadRecord(reason, detail, record_id=record_id, index=index, file=file)
+def _rebuild_bad_record(reason, detail, record_id, index, file, image_file) -> BadRecord:
+  return BadRecord(reason, detail, record_id=record_id, index=index, file=file,
+                   image_file=image_file)
 
 
 @dataclasses.dataclass(frozen=True)

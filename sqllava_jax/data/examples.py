@@ -61,13 +61,19 @@ class ExampleBuilder:
           image_token_id=self.image_token_id, max_length=self.max_length)
       pixels = None
       if record.image is not None:
-        pixels = images.load_pixels(read_image(), size=self.image_size,
-                                    aspect_ratio=self.aspect_ratio,
-                                    max_pixels=self.max_image_pixels, name=record.image)
+        pixels = self._pixels(raw, record, read_image)
     except BadRecord as e:
       raise e.with_context(record_id=record_id(raw, index), index=index,
                            file=getattr(self.source, "path", None)) from None
     return Explained(record, turns, tokens, pixels)
+
+  def _pixels(self, raw, record: Record, read_image) -> np.ndarray:
+    data = read_image()
+    try:
+      return images.load_pixels(data, size=self.image_size, aspect_ratio=self.aspect_ratio,
+                                max_pixels=self.max_image_pixels, name=record.image)
+    except BadRecord as e:
+      raise e.with_context(image_file=self.source.image_location(raw)) from None
 
   def __call__(self, index: int) -> dict[str, Any]:
     explained = self.explain(index)

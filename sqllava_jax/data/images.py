@@ -45,13 +45,13 @@ def read_image_file(path: str, *, name: str) -> bytes:
     with open(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
-    raise BadRecord("missing_image", f"image {name!r} not found", file=path) from None
+    raise BadRecord("missing_image", f"image {name!r} not found", image_file=path) from None
   except IsADirectoryError:
-    raise BadRecord("missing_image", f"image {name!r} is a directory", file=path) from None
+    raise BadRecord("missing_image", f"image {name!r} is a directory", image_file=path) from None
   except OSError as e:
-    raise BadRecord("missing_image", f"image {name!r} cannot be read: {e}", file=path) from None
+    raise BadRecord("missing_image", f"image {name!r} cannot be read: {e}", image_file=path) from None
   if not data:
-    raise BadRecord("empty_image_file", f"image {name!r} has zero bytes", file=path)
+    raise BadRecord("empty_image_file", f"image {name!r} has zero bytes", image_file=path)
   return data
 
 

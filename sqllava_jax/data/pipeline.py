@@ -128,6 +128,14 @@ class Pipeline(grain.IterDataset):
     return PipelineIterator(self._parent.__iter__(), log_first=self._log_first)
 
 
+def _mark_absl_flags_parsed() -> None:
+  # Grain's worker processes read absl flags, which only absl-based programs parse; this
+  # CLI is argparse-based, so the defaults are taken as parsed.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def make_source(data, *, split: Optional[str] = None, image_size: int = 336):
   """The record source a `DataConfig` names (building the synthetic set when asked)."""
   split = split or data.split
@@ -208,6 +216,7 @@ def make_pipeline(cfg, *, batch_size: int, num_image_tokens: Optional[int] = Non
                     buckets=tuple(data.length_buckets), max_length=data.max_length,
                     image_size=cfg.model.vision.image_size, pad_id=builder.tokenizer.pad_id)
   if num_workers > 0:
+    _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=data.prefetch))
   return Pipeline(ds, log_first=data.log_first_bad, num_records=num_records)

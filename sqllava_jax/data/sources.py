@@ -42,6 +42,10 @@ class JsonSource:
     raw = json.loads(self._blob[self._offsets[index]:self._offsets[index + 1]])
     return raw, functools.partial(self._read_image, raw)
 
+  def image_location(self, raw) -> str:
+    """Where the record's image lives, for messages."""
+    return os.path.join(self.image_folder, str(raw.get("image")))
+
   def _read_image(self, raw) -> bytes:
     relative = raw["image"]
     if not self.image_folder:
@@ -94,6 +98,9 @@ class TfdsSource:
     example = self._data[index]
     raw = json.loads(example["record"])
     return raw, functools.partial(_stored_image, example, raw)
+
+  def image_location(self, raw) -> str:
+    return f"{self.path} ({self.split}): {raw.get('image')}"
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.path!r}, split={self.split!r}, {len(self)} records)"

@@ -16,6 +16,7 @@ from sqllava_jax.configlib import ConfigError
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("sqllava_jax.commands.info", "parameter counts per group of a config"),
+    "convert": ("sqllava_jax.commands.convert", "import / export Hugging Face and reference checkpoints"),
 }
 
 

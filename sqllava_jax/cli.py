@@ -17,6 +17,11 @@ from sqllava_jax.configlib import ConfigError
 COMMANDS = {
     "info": ("sqllava_jax.commands.info", "parameter counts per group of a config"),
     "convert": ("sqllava_jax.commands.convert", "import / export Hugging Face and reference checkpoints"),
+    "show-example": ("sqllava_jax.commands.show_example",
+                     "what training sees for one record: prompt, trained spans, labels"),
+    "build-dataset": ("sqllava_jax.commands.build_dataset",
+                      "LLaVA JSON + images -> TFDS ArrayRecord shards"),
+    "train": ("sqllava_jax.commands.train", "train a config (resumes from its output_dir)"),
 }
 
 

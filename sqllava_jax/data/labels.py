@@ -25,12 +25,14 @@ IGNORE_INDEX = -100
 @dataclasses.dataclass(frozen=True)
 class TokenizedConversation:
   """input_ids, labels: int32[L] (labels unshifted, IGNORE_INDEX where no loss);
-  segment_of_token: int32[L], the index into `segments` each token came from."""
+  segment_of_token: int32[L], the index into `segments` each token came from;
+  segment_lengths: tokens of each segment before truncation."""
   prompt: str
   segments: tuple[Segment, ...]
   input_ids: np.ndarray
   labels: np.ndarray
   segment_of_token: np.ndarray
+  segment_lengths: tuple[int, ...]
 
   @property
   def num_trained(self) -> int:
@@ -96,7 +98,8 @@ def tokenize_conversation(tokenizer: Tokenizer, template: str | Template,
     raise BadRecord("nothing_to_train",
                     f"no trained token among the {len(input_ids)} tokens kept"
                     + (f" (max_length {max_length})" if max_length else ""))
-  return TokenizedConversation(prompt, segments, input_ids, labels, owner)
+  return TokenizedConversation(prompt, segments, input_ids, labels, owner,
+                               tuple(len(x) for x in per_segment))
 
 
 def _truncate(input_ids, labels, owner, max_length, image_token_id):

@@ -21,7 +21,6 @@ COMMANDS = {
                      "what training sees for one record: prompt, trained spans, labels"),
     "build-dataset": ("sqllava_jax.commands.build_dataset",
                       "LLaVA JSON + images -> TFDS ArrayRecord shards"),
-    "train": ("sqllava_jax.commands.train", "train a config (resumes from its output_dir)"),
 }
 
 

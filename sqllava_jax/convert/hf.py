@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sqllava_jax.config import LLMConfig, LoRAConfig, ModelConfig, VisionConfig
+from sqllava_jax.config import Config, LLMConfig, LoRAConfig, ModelConfig, VisionConfig
 from sqllava_jax.convert.hf_io import CheckpointError, CheckpointReader, read_config
 from sqllava_jax.convert.keymap import PrefixedSource, import_tensors, prefixed
 from sqllava_jax.models import llama, vision
@@ -133,3 +133,20 @@ def model_from_hf(base: ModelConfig, *, llm_dir: str, vision_dir: str,
   for name, value in (projector or {}).items():
     loaded[f"projector/{name}"] = value
   return assemble(make, loaded, seed), cfg
+
+
+def import_hf(base: Config, *, llm_dir: str, vision_dir: str,
+              projector_file: Optional[str] = None) -> tuple[SQLLaVA, Config]:
+  """`convert import-hf`: the full config `base` with the LLM and vision architectures of the
+  checkpoints, their weights, the projector from `projector_file` (the reference's
+  `mm_projector.bin` names) if given, everything else freshly initialised from `base.seed`."""
+  from sqllava_jax.convert import reference
+  model_cfg = config_from_hf(base.model, llm_dir, vision_dir)
+  make = lambda r: SQLLaVA(model_cfg, rngs=r)
+  shapes = abstract_shapes(make)
+  loaded = read_llama(llm_dir, model_cfg.llm, shapes, prefix="llm/")
+  loaded.update(read_clip_vision(vision_dir, model_cfg.vision, shapes, prefix="vision/"))
+  if projector_file:
+    loaded.update(reference.read_projector_file(projector_file, model_cfg.projector, shapes))
+  cfg = reference.with_tokenizer(dataclasses.replace(base, model=model_cfg), llm_dir)
+  return assemble(make, loaded, base.seed), cfg

@@ -102,6 +102,33 @@ class PrefixedSource:
     return self._source.get(self._names[name])
 
 
+class RenamedSource:
+  """A view of `source` with every name passed through `rename` (a checkpoint that spells a
+  prefix differently, e.g. PEFT wrappers around the same module)."""
+
+  def __init__(self, source, rename: Callable[[str], str]):
+    self._source = source
+    self.where = getattr(source, "where", "checkpoint")
+    self._names: dict[str, str] = {}
+    for name in source.keys():
+      new = rename(name)
+      if new in self._names:
+        raise ValueError(f"{self.where}: tensors {self._names[new]} and {name} are the same "
+                         f"parameter ({new}); keep only one of them")
+      self._names[new] = name
+
+  def keys(self):
+    return self._names.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._source.get(self._names[name])
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+  """float16/32/64 and bfloat16 (which numpy knows only through ml_dtypes)."""
+  return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
+
+
 def import_tensors(specs: Sequence[KeySpec], source, expected: Mapping[str, tuple[int, ...]],
                    *, ignore: Callable[[str], bool] = lambda name: False,
                    dtype: Optional[np.dtype] = None) -> dict[str, np.ndarray]:
@@ -125,6 +152,9 @@ def import_tensors(specs: Sequence[KeySpec], source, expected: Mapping[str, tupl
     per_layer = []
     for name in spec.hf_names():
       raw = source.get(name)
+      if not is_float_dtype(raw.dtype):
+        raise ValueError(f"{where}: tensor {name} has dtype {raw.dtype}; weights must be "
+                         "floating point (float32, bfloat16 or float16): is the file damaged?")
       value = spec.to_ours(raw)
       if tuple(value.shape) != (want[1:] if spec.num_layers else want):
         raise ValueError(f"{where}: tensor {name} has shape {tuple(raw.shape)}, which does not "

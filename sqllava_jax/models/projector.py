@@ -127,3 +127,11 @@ def reference_key_map(cfg: ProjectorConfig) -> list[KeySpec]:
     return linear_specs("linear_1", "0", bias=True) + linear_specs("linear_2", "2", bias=True)
   return [KeySpec("linear_1/kernel", "weight", transpose, transpose),
           KeySpec("linear_1/bias", "bias")]
+
+
+def llava_key_map(cfg: ProjectorConfig) -> list[KeySpec]:
+  """Our projector paths <-> transformers' `LlavaMultiModalProjector` names (no prefix)."""
+  if cfg.type != "mlp2x_gelu":
+    raise ValueError(f"transformers' LLaVA projector is mlp2x_gelu; this one is {cfg.type!r}")
+  return linear_specs("linear_1", "linear_1", bias=True) + linear_specs("linear_2", "linear_2",
+                                                                          bias=True)

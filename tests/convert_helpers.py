@@ -1,0 +1,106 @@
+"""Shared pieces of the conversion tests: tiny configs, checkpoints, simulated training, and
+forward passes of our model and of transformers' on the same inputs."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from sqllava_jax.cli import main as cli
+from sqllava_jax.models import lora
+from sqllava_jax.training.checkpoint import load_model, save_model
+
+TOKENIZER_VOCAB = 400  # what train_tiny_tokenizer(vocab_size=400) really gives
+IMAGE_ID = -200
+
+
+def write_yaml(path, *, projector: str = "cluster", **data) -> str:
+  """A tiny config: the architecture comes from the HF checkpoints, this holds the rest."""
+  cfg = {"model": {
+      "projector": {"type": projector, "num_prototypes": 8, "num_iterations": 2},
+      "vit_lora": {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj",
+                                                        "out_proj", "fc1", "fc2"]},
+      "llm_lora": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "gate_proj", "up_proj", "down_proj"]}}}
+  cfg.update(data)
+  with open(path, "w") as f:
+    yaml.safe_dump(cfg, f)
+  return str(path)
+
+
+def run_cli(*args) -> int:
+  return cli(["convert", *[str(a) for a in args]])
+
+
+def simulate_training(ckpt: str, out: str, seed: int):
+  """Stands in for a few LoRA training steps: every adapter (A and B) and every projector
+  parameter gets random non-zero values, then the model is saved as a checkpoint."""
+  model, cfg = load_model(ckpt)
+  rng = np.random.default_rng(seed)
+  for _, linear in lora.lora_linears(model):
+    for p in (linear.lora_a, linear.lora_b):
+      p[...] = jnp.asarray(rng.normal(size=p.shape) * 0.1, p[...].dtype)
+  for path, p in nnx.to_flat_state(nnx.state(model.projector, nnx.Param)):
+    scale = 0.3 if path[-1] in ("sim_alpha", "sim_beta") else 0.1
+    p[...] = jnp.asarray(p[...] + rng.normal(size=p.shape) * scale, p[...].dtype)
+  save_model(out, model, cfg)
+  return load_model(out)
+
+
+@nnx.jit
+def _forward(model, ids, pixels, positions):
+  hidden, _ = model(ids, pixels, positions)
+  return model.llm.logits(hidden)
+
+
+def our_logits(model, ids: np.ndarray, pixels=None) -> np.ndarray:
+  """Logits [B, T, V] of our composite model; `ids` hold IMAGE_ID at image positions."""
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  pixels = None if pixels is None else jnp.asarray(pixels, jnp.float32)
+  return np.asarray(_forward(model, jnp.asarray(ids, jnp.int32), pixels, positions))
+
+
+@nnx.jit
+def _vision(tower, pixels):
+  return tower(pixels, all_hidden_states=True)[1]["hidden_states"]
+
+
+def our_vision_hidden(model, pixels: np.ndarray) -> np.ndarray:
+  """[layers run + 1, B, 1 + P, D] hidden states of our vision tower."""
+  return np.asarray(_vision(model.vision, jnp.asarray(pixels, jnp.float32)))
+
+
+def text_ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(3, vocab, size=(batch, length)).astype(np.int64)
+
+
+def pixels_nhwc(batch: int, size: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def nchw(x: np.ndarray):
+  import torch
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def load_safetensors_dir(directory: str) -> dict[str, np.ndarray]:
+  """Every tensor of a (sharded) safetensors directory, as float32 numpy."""
+  from safetensors import safe_open
+  out = {}
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".safetensors"):
+      with safe_open(os.path.join(directory, name), framework="pt") as f:
+        out.update({k: f.get_tensor(k).float().numpy() for k in f.keys()})
+  return out
+
+
+def assert_close(got, want, atol: float, what: str) -> float:
+  """assert_allclose that also returns the max difference (reported by the tests)."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
+  np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=what)
+  return float(np.abs(got - want).max())

@@ -82,3 +82,18 @@ def num_batches(total: int, process_count: int, local_batch: int) -> int:
   processes to run the same number of steps; short shards run padding rows)."""
   largest = -(-total // process_count)
   return max(1, -(-largest // local_batch))
+
+
+def agree_max(value: int) -> int:
+  """The largest `value` over all processes (each passes its own)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

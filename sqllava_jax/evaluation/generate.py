@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sqllava_jax.evaluation import data_parallel
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling, next_token
 from sqllava_jax.models.llama import KVCache, Llama
 from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
@@ -153,7 +154,6 @@ class Generator:
     self.min_bucket, self.bucket_step = min_bucket, bucket_step
     self.mesh = mesh
     if mesh is not None:
-      from sqllava_jax.evaluation import data_parallel  # pylint: disable=g-import-not-at-top
       self.state = jax.device_put(self.state, data_parallel.replicated(mesh))
 
   def _check_ids(self, prompts, pixel_values) -> Optional[np.ndarray]:
@@ -184,11 +184,12 @@ class Generator:
     longest = max(len(p) for p in prompts)
     length = prompt_length or bucket_length(longest, min_length=self.min_bucket,
                                             step=self.bucket_step)
+    if self.mesh is not None:  # every process must run the same program
+      length = data_parallel.agree_max(length)
     ids, mask = left_pad(prompts, length, self.pad_id)
     key = jax.random.key(seed)
     inputs = (ids, pixels, mask)
     if self.mesh is not None:
-      from sqllava_jax.evaluation import data_parallel  # pylint: disable=g-import-not-at-top
       inputs = data_parallel.shard_batch(self.mesh, inputs)
     tokens, num_new = _generate_jit(
         self.graphdef, self.state, *inputs, key, sampling.arrays(),

@@ -1,0 +1,62 @@
+"""`sqllava-jax eval --ckpt CKPT --task TASK --data FILE --images DIR --out DIR`: answer a
+question file with batched, jitted generation and score the answers.
+
+Questions are in the LLaVA eval layout (JSONL of question_id, image, text; the synthetic
+set's `vqa_eval.json` and stage-2 files also work). Answers go to `OUT/answers.jsonl`, the
+score to `OUT/scores.json`. Benchmarks default to the `vicuna_v1` template and greedy
+decoding, as the reference does; `synthetic_sq` runs the self-questioning protocol instead.
+`--task perplexity` computes the teacher-forced loss of a LLaVA-format training file.
+Every process answers its shard of the questions; the batch is split over all devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from sqllava_jax.commands.generate import add_sampling_arguments
+from sqllava_jax.evaluation import loading
+from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES
+from sqllava_jax.evaluation.tasks import ALL_TASKS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  loading.add_model_arguments(parser)
+  parser.add_argument("--task", required=True, choices=ALL_TASKS)
+  parser.add_argument("--data", required=True, help="question file (JSONL, LLaVA eval layout); "
+                      "for perplexity a LLaVA-format JSON of conversations")
+  parser.add_argument("--images", default="", help="folder the questions' image paths are in")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--annotations", default=None,
+                      help="ground truth for the benchmark tasks (synthetic tasks: --data)")
+  parser.add_argument("--batch-size", type=int, default=8, help="global batch (all processes)")
+  parser.add_argument("--max-new-tokens", type=int, default=128)
+  parser.add_argument("--template", choices=TEMPLATE_CHOICES, default=None,
+                      help="default vicuna_v1 (synthetic_sq: v1_sq)")
+  add_sampling_arguments(parser)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--limit", type=int, default=0, help="only the first N questions")
+  parser.add_argument("--questions-per-image", type=int, default=1, help="synthetic_sq")
+  parser.add_argument("--model-id", default=None, help="default: the checkpoint folder's name")
+  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
+  parser.add_argument("--num-processes", type=int, help="number of processes")
+  parser.add_argument("--process-id", type=int, help="this process's index")
+
+
+def run(args: argparse.Namespace) -> int:
+  from sqllava_jax.parallel.multihost import maybe_initialize_distributed
+  maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  from sqllava_jax.evaluation import eval_command  # pylint: disable=g-import-not-at-top
+  try:
+    result = eval_command.evaluate(args)
+  except ValueError as e:
+    print(f"sqllava-jax eval: error: {e}", file=sys.stderr)
+    return 2
+  if result is not None:
+    with open(os.path.join(args.out, "scores.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    print(json.dumps(result))
+  return 0

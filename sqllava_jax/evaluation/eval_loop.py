@@ -1,0 +1,192 @@
+"""Batched generation over a question file, sharded over processes and devices.
+
+Each process answers every `process_count`-th question (`data_parallel.process_shard`) in
+batches whose rows are split over the mesh's `data`/`fsdp` axes, and writes its answers to
+`answers.{i}-of-{n}.jsonl`; process 0 then merges them, in question order, into
+`answers.jsonl` (the LLaVA answers layout: question_id, prompt, text, answer_id, model_id).
+All processes run the same number of equally shaped batches (short shards pad with repeats
+of a real question, whose answers are dropped), as the collectives inside require.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from sqllava_jax.data.errors import BadRecord
+from sqllava_jax.data.images import resolve_image_path
+from sqllava_jax.evaluation import data_parallel as dp
+from sqllava_jax.evaluation.engine import Engine
+from sqllava_jax.evaluation.prompts import load_image, question_prompt
+from sqllava_jax.evaluation.sampling import GREEDY, Sampling
+from sqllava_jax.evaluation.self_questioning import Protocol, self_question
+
+ANSWERS = "answers.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """batch_size is global (all processes); `self_questioning` runs the protocol instead of
+  answering (`synthetic_sq`), asking `questions_per_image` questions per image."""
+  images_dir: str = ""
+  template: str = "vicuna_v1"
+  batch_size: int = 8
+  max_new_tokens: int = 128
+  sampling: Sampling = GREEDY
+  seed: int = 0
+  model_id: str = "sqllava-jax"
+  aspect_ratio: str = "pad"
+  self_questioning: bool = False
+  questions_per_image: int = 1
+  protocol: Protocol = Protocol()
+
+
+def answer_id(model_id: str, question_id, k: int = 0) -> str:
+  """Deterministic, so reruns write identical files."""
+  return uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{question_id}/{k}").hex[:22]
+
+
+def shard_path(out_dir: str, index: int, count: int) -> str:
+  return os.path.join(out_dir, f"answers.{index}-of-{count}.jsonl")
+
+
+class _Images:
+  """Loads each question's image (None for text-only questions); unreadable ones raise."""
+
+  def __init__(self, engine: Engine, settings: EvalSettings):
+    self.size, self.settings = engine.image_size, settings
+
+  def __call__(self, question: dict) -> Optional[np.ndarray]:
+    if not question.get("image"):
+      return None
+    path = resolve_image_path(self.settings.images_dir, question["image"])
+    return load_image(path, size=self.size, aspect_ratio=self.settings.aspect_ratio)
+
+
+def _answers(engine: Engine, batch: Sequence[dict], pixels, settings: EvalSettings,
+             seed: int, with_pixels: bool) -> list[list[dict]]:
+  """Per question of the batch, its answer records (one, or one per asked question)."""
+  if settings.self_questioning:
+    asked = self_question(engine, pixels, n=settings.questions_per_image,
+                          protocol=settings.protocol, seed=seed)
+    return [[{"question_id": f"{q['question_id']}#{k}", "source_id": q["question_id"],
+              "prompt": q["text"], "text": text, "description": r.description}
+             for k, text in enumerate(r.questions)] for q, r in zip(batch, asked)]
+  prompts = [question_prompt(q["text"], template=settings.template, image=p is not None)
+             for q, p in zip(batch, pixels)]
+  done = engine.complete(prompts, pixels, max_new_tokens=settings.max_new_tokens,
+                         sampling=settings.sampling, seed=seed, with_pixels=with_pixels)
+  return [[{"question_id": q["question_id"], "prompt": q["text"], "text": c.text}]
+          for q, c in zip(batch, done)]
+
+
+def _load_batch(items: list[tuple[int, dict]], size: int, images: Callable, skipped: list,
+                blank: Optional[np.ndarray]) -> tuple[list, list, list[bool]]:
+  """(questions, pixels, active) padded to `size` rows with inactive blank rows (`blank`
+  pixels); an unreadable image turns its row into padding and is recorded in `skipped`."""
+  rows, pixels, active = [], [], []
+  for index, q in items:
+    try:
+      pixels.append(images(q))
+      rows.append((index, q))
+      active.append(True)
+    except BadRecord as e:
+      skipped.append({"question_id": q["question_id"], "reason": e.reason, "message": str(e)})
+  while len(rows) < size:
+    rows.append((-1, {"question_id": None, "text": "-"}))
+    pixels.append(blank)
+    active.append(False)
+  return rows, pixels, active
+
+
+def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettings, *,
+                 process_index: int, process_count: int, progress: bool = True
+                 ) -> tuple[list[dict], list[dict]]:
+  """This process's answer records (each with its question's `index` in the file) and the
+  questions skipped for unreadable images."""
+  if settings.batch_size % process_count:
+    raise ValueError(f"batch size {settings.batch_size} is not divisible by the "
+                     f"{process_count} processes; choose a multiple of {process_count}")
+  local = settings.batch_size // process_count
+  shard = dp.process_shard(list(enumerate(questions)), process_index, process_count)
+  images = _Images(engine, settings)
+  # Every batch passes pixels when any question has an image, so that all processes (and
+  # all batches) run the same program.
+  with_pixels = settings.self_questioning or any(q.get("image") for q in questions)
+  blank = np.zeros((engine.image_size,) * 2 + (3,), np.float32) if settings.self_questioning else None
+  records, skipped = [], []
+  # Process 0 shows the whole run's progress: its own rows times the process count.
+  bar = tqdm(total=len(shard) * process_count, unit="ex", desc="eval", smoothing=0.1,
+             disable=not progress or process_index != 0)
+  for b in range(dp.num_batches(len(questions), process_count, local)):
+    items = shard[b * local:(b + 1) * local]
+    rows, pixels, active = _load_batch(items, local, images, skipped, blank)
+    answers = _answers(engine, [q for _, q in rows], pixels, settings, settings.seed + b,
+                       with_pixels)
+    for (index, _), recs, keep in zip(rows, answers, active):
+      if keep:
+        records += [{"index": index, **r} for r in recs]
+    bar.update(len(items) * process_count)
+  bar.close()
+  return records, skipped
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def merge_shards(out_dir: str, count: int, model_id: str) -> str:
+  """Joins the processes' shard files into `answers.jsonl`, in question-file order, with
+  `answer_id` and `model_id` added; returns its path."""
+  records = []
+  for i in range(count):
+    path = shard_path(out_dir, i, count)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} is missing: process {i} did not finish, or {out_dir} "
+                              "is not on a file system every process shares")
+    records += read_jsonl(path)
+  records.sort(key=lambda r: (r["index"], str(r["question_id"])))
+  merged = []
+  for r in records:
+    out = {k: v for k, v in r.items() if k != "index"}
+    out["answer_id"] = answer_id(model_id, r["question_id"], r["index"])
+    out["model_id"] = model_id
+    merged.append(out)
+  path = os.path.join(out_dir, ANSWERS)
+  write_jsonl(path, merged)
+  return path
+
+
+def run_eval(engine: Engine, questions: Sequence[dict], settings: EvalSettings, out_dir: str, *,
+             progress: bool = True) -> Optional[tuple[str, list[dict]]]:
+  """Answers `questions` on every process; returns (merged answers path, skipped questions)
+  on process 0 and None elsewhere."""
+  index, count = jax.process_index(), jax.process_count()
+  records, skipped = answer_shard(engine, questions, settings, process_index=index,
+                                  process_count=count, progress=progress)
+  os.makedirs(out_dir, exist_ok=True)
+  write_jsonl(shard_path(out_dir, index, count), records)
+  write_jsonl(os.path.join(out_dir, f"skipped.{index}-of-{count}.jsonl"), skipped)
+  dp.barrier("eval-answers-written")
+  if index != 0:
+    return None
+  all_skipped = []
+  for i in range(count):
+    all_skipped += read_jsonl(os.path.join(out_dir, f"skipped.{i}-of-{count}.jsonl"))
+  return merge_shards(out_dir, count, settings.model_id), all_skipped

@@ -1,0 +1,56 @@
+"""What the inference commands share: loading a checkpoint for inference and its tokenizer,
+and the command-line flags for both."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from sqllava_jax.config import Config
+from sqllava_jax.data.tokenizer import Tokenizer
+from sqllava_jax.models import lora
+from sqllava_jax.models.sqllava import SQLLaVA
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--ckpt", required=True, help="checkpoint directory (training run or "
+                      "converted model); its saved config describes the model")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="SentencePiece tokenizer.model (default: the config's data.tokenizer, "
+                           "or tokenizer.model beside the checkpoint)")
+  parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                      help="fold LoRA adapters into the base weights (faster decoding)")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. model.compute_dtype=bfloat16 (repeatable)")
+
+
+def load_for_inference(ckpt: str, *, step: Optional[int] = None, overrides: Sequence[str] = (),
+                       merge_lora: bool = True) -> tuple[SQLLaVA, Config]:
+  """The model of a checkpoint with its config, adapters merged unless asked not to."""
+  from sqllava_jax.training.checkpoint import load_model  # pylint: disable=g-import-not-at-top
+  model, cfg = load_model(ckpt, step=step, overrides=overrides)
+  if merge_lora:
+    lora.merge(model)
+  return model, cfg
+
+
+def tokenizer_for(cfg: Config, ckpt: str, path: Optional[str] = None) -> Tokenizer:
+  """`path`, else `tokenizer.model` beside the checkpoint, else the config's data tokenizer."""
+  from sqllava_jax.data.pipeline import tokenizer_path  # pylint: disable=g-import-not-at-top
+  if path:
+    return Tokenizer(path)
+  beside = os.path.join(ckpt, "tokenizer.model")
+  if os.path.isfile(beside):
+    return Tokenizer(beside)
+  try:
+    return Tokenizer(tokenizer_path(cfg.data))
+  except ValueError as e:
+    raise ValueError(f"{e}; or pass --tokenizer") from None
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[SQLLaVA, Config, Tokenizer]:
+  model, cfg = load_for_inference(args.ckpt, step=args.step, overrides=args.override,
+                                  merge_lora=args.merge_lora)
+  return model, cfg, tokenizer_for(cfg, args.ckpt, args.tokenizer)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import pickle
 import sys
 
 import numpy as np
@@ -115,6 +116,9 @@ def test_build_dataset_reads_back_like_the_json(setup, capsys):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
   assert a.skipped == b.skipped == {"missing_image": 1, "malformed_record": 1}
+  shipped = pickle.loads(pickle.dumps(make_example_builder(from_tfds)))  # as to a worker
+  np.testing.assert_array_equal(shipped(0)["input_ids"],
+                                make_example_builder(from_json)(0)["input_ids"])
   eval_cfg = replace(from_tfds, **{"data.tfds_dir": tfds_dir, "data.split": "eval"})
   assert len(make_example_builder(eval_cfg)) == 4
   assert "tensorflow" not in sys.modules

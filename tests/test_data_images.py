@@ -29,7 +29,9 @@ def _photos():
 
 
 def _encode(array_or_image, fmt="PNG", **kw) -> bytes:
-  img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+  img = array_or_image
+  if not isinstance(img, Image.Image):
+    img = Image.fromarray(img)
   buf = io.BytesIO()
   img.save(buf, format=fmt, **kw)
   return buf.getvalue()

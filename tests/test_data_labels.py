@@ -93,7 +93,7 @@ def _synthetic_conversations(n=24):
   out = []
   for i in range(n):
     scene = synthetic.random_scene(rng)
-    record = synthetic._stage2_record(f"r{i}", "x.png", scene, rng)  # pylint: disable=protected-access
+    record = synthetic.stage2_record(f"r{i}", "x.png", scene, rng)
     out.append(record)
   return out
 
@@ -136,7 +136,7 @@ def test_labels_agree_with_reference_round_by_round_masking(tok, hf, template, s
 def test_plain_labels_agree_with_reference(tok, hf):
   for i, raw in enumerate(_synthetic_conversations(8)):
     scene = synthetic.Scene.from_json(raw["scene"])
-    record = parse_record(synthetic._stage1_record("r", "x.png", scene), index=i)  # pylint: disable=protected-access
+    record = parse_record(synthetic.stage1_record("r", "x.png", scene), index=i)
     ours = _tokenize(tok, "plain", record.turns, num_image_tokens=1)
     ids, labels = reference_labels(ours.prompt, hf, "plain", True)
     assert (list(ours.input_ids), list(ours.labels)) == (ids, labels)

@@ -10,7 +10,7 @@ from etils import epath
 
 import grain
 from sqllava_jax.config import Config, replace
-from sqllava_jax.data import synthetic
+from sqllava_jax.data import images, synthetic
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.pipeline import make_example_builder, make_pipeline
 
@@ -69,15 +69,16 @@ def data_dir(tmp_path_factory):
   mixed = records + text_only
   for k, record in enumerate(bad):  # spread the bad records through the file
     mixed.insert(3 * k + 1, record)
-  images = paths.image_folder
-  (epath.Path(images) / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-  (epath.Path(images) / "zero.png").write_bytes(b"")
-  (root / "outside.png").write_bytes(open(os.path.join(images, records[0]["image"]), "rb").read())
+  image_dir = paths.image_folder
+  (epath.Path(image_dir) / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+  (epath.Path(image_dir) / "zero.png").write_bytes(b"")
+  (root / "outside.png").write_bytes(
+      open(os.path.join(image_dir, records[0]["image"]), "rb").read())
   with open(root / "mixed.json", "w") as f:
     json.dump(mixed, f)
   with open(root / "good.json", "w") as f:
     json.dump(records + text_only, f)
-  return {"root": str(root), "images": images, "tokenizer": paths.tokenizer,
+  return {"root": str(root), "images": image_dir, "tokenizer": paths.tokenizer,
           "mixed": str(root / "mixed.json"), "good": str(root / "good.json"),
           "num_mixed": len(mixed)}
 
@@ -253,8 +254,14 @@ def test_strict_fails_on_the_first_bad_record(data_dir):
 def test_workers_see_every_record_and_report_skips(data_dir):
   cfg = _cfg(data_dir, "mixed")
   it = iter(make_pipeline(cfg, batch_size=4, num_workers=2, drop_remainder=False))
-  seen = np.concatenate([b["example_index"] for b in it])
+  batches = list(it)
   it.close()
+  seen = np.concatenate([b["example_index"] for b in batches])
+  builder = make_example_builder(cfg)
+  for row, index in enumerate(batches[0]["example_index"]):  # images came through shared memory
+    pixels = builder(int(index))["pixels"]
+    expected = 0.0 if pixels is None else images.normalize(pixels)
+    np.testing.assert_array_equal(batches[0]["pixel_values"][row], expected)
   assert sorted(seen[seen >= 0].tolist()) == sorted(
       i for i in range(data_dir["num_mixed"]) if i not in _bad_indices(data_dir))
   assert it.skipped == {reason: 1 for reason in BAD_RECORDS}
@@ -263,3 +270,16 @@ def test_workers_see_every_record_and_report_skips(data_dir):
 def _bad_indices(data_dir):
   return {i for i, r in enumerate(json.load(open(data_dir["mixed"])))
           if str(r.get("id", "")).startswith("bad-")}
+
+
+def test_json_lines_with_a_broken_line(data_dir, tmp_path):
+  records = json.load(open(data_dir["good"]))[:6]
+  lines = [json.dumps(r) for r in records]
+  lines.insert(2, '{"id": "broken", "conversations": [')
+  path = tmp_path / "data.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  it = iter(make_pipeline(_cfg(data_dir, **{"data.json_path": str(path)}), batch_size=2,
+                          shuffle=False))
+  seen = np.concatenate([b["example_index"] for b in it])
+  np.testing.assert_array_equal(seen, [0, 1, 3, 4, 5, 6])
+  assert it.skipped == {"malformed_record": 1}

@@ -75,8 +75,9 @@ def as_json(explained: Explained, *, image_token_id: int) -> dict:
 def describe(explained: Explained, builder, *, color: bool) -> str:
   record, tokens = explained.record, explained.tokens
   span = _image_span(tokens.input_ids, builder.image_token_id)
+  source = getattr(builder.source, "path", builder.source)
   lines = [
-      f"record {record.id!r} (index {record.index}) of {getattr(builder.source, 'path', builder.source)}",
+      f"record {record.id!r} (index {record.index}) of {source}",
       f"image: {record.image or 'none (text only)'}"
       + (f", placeholders at tokens {span[0]}..{span[1] - 1}" if span else ""),
       f"template {builder.template.name}, sq_r {builder.sq_r}, seed {builder.seed}: "

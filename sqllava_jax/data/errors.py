@@ -123,7 +123,8 @@ class SkipLog:
     if examples is None:
       return f"skipped {self.total} records: {parts}"
     read = examples + self.total
-    return f"skipped {self.total} records ({100.0 * self.total / read:.1f}% of {read} read): {parts}"
+    share = 100.0 * self.total / read
+    return f"skipped {self.total} records ({share:.1f}% of {read} read): {parts}"
 
   def state(self) -> dict:
     return {"counts": dict(self.counts), "logged": self.logged}

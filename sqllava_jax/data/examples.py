@@ -52,8 +52,9 @@ class ExampleBuilder:
     return len(self.source)
 
   def explain(self, index: int) -> Explained:
-    raw, read_image = self.source[index]
+    raw = None
     try:
+      raw, read_image = self.source[index]
       record = parse_record(raw, index=index)
       turns = relabel_self_questions(record, sq_r=self.sq_r, seed=self.seed)
       tokens = tokenize_conversation(
@@ -110,13 +111,14 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "segment_ids
 
 
 def collate(examples: Sequence[dict[str, Any]], *, batch_size: int, length: int,
-            image_size: int, pad_id: int) -> dict[str, np.ndarray]:
+            image_size: int, pad_id: int, alloc=np.empty) -> dict[str, np.ndarray]:
   """Pads examples into one batch of fixed shapes (B = batch_size, T = length):
 
   input_ids, labels, attention_mask, positions, segment_ids: int32[B, T];
   pixel_values: float32[B, H, W, 3] (CLIP-normalised, zeros for text-only rows);
   has_image: bool[B]; example_index: int64[B]. Rows past len(examples) are padding
-  (no tokens, example_index -1).
+  (no tokens, example_index -1). `alloc(shape, dtype)` allocates pixel_values (the only
+  large array), e.g. in shared memory for worker processes.
   """
   assert len(examples) <= batch_size, (len(examples), batch_size)
   shape = (batch_size, length)
@@ -126,7 +128,7 @@ def collate(examples: Sequence[dict[str, Any]], *, batch_size: int, length: int,
       "attention_mask": np.zeros(shape, np.int32),
       "positions": np.zeros(shape, np.int32),
       "segment_ids": np.zeros(shape, np.int32),
-      "pixel_values": np.zeros((batch_size, image_size, image_size, 3), np.float32),
+      "pixel_values": alloc((batch_size, image_size, image_size, 3), np.float32),
       "has_image": np.zeros((batch_size,), bool),
       "example_index": np.full((batch_size,), -1, np.int64),
   }
@@ -142,4 +144,5 @@ def collate(examples: Sequence[dict[str, Any]], *, batch_size: int, length: int,
     if ex["pixels"] is not None:
       images.normalize_into(ex["pixels"], batch["pixel_values"][row])
       batch["has_image"][row] = True
+  batch["pixel_values"][~batch["has_image"]] = 0.0
   return batch

@@ -49,7 +49,8 @@ def read_image_file(path: str, *, name: str) -> bytes:
   except IsADirectoryError:
     raise BadRecord("missing_image", f"image {name!r} is a directory", image_file=path) from None
   except OSError as e:
-    raise BadRecord("missing_image", f"image {name!r} cannot be read: {e}", image_file=path) from None
+    raise BadRecord("missing_image", f"image {name!r} cannot be read: {e}",
+                    image_file=path) from None
   if not data:
     raise BadRecord("empty_image_file", f"image {name!r} has zero bytes", image_file=path)
   return data
@@ -141,14 +142,16 @@ def load_pixels(data: bytes, *, size: int, aspect_ratio: AspectRatio, max_pixels
                           aspect_ratio=aspect_ratio)
 
 
-_SCALE = np.asarray([1.0 / (255.0 * s) for s in CLIP_STD], np.float32)
-_OFFSET = np.asarray([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], np.float32)
+# float32[3, 256]: the normalised value of each 8-bit level per channel. A table lookup
+# writes the float32 output in one pass, a little faster than multiply-add.
+_LUT = np.stack([(np.arange(256) / 255.0 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]
+                ).astype(np.float32)
 
 
 def normalize_into(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
   """out[..., H, W, 3] = (pixels / 255 - CLIP_MEAN) / CLIP_STD, written in place."""
-  np.multiply(pixels, _SCALE, out=out, casting="unsafe")
-  out += _OFFSET
+  for c in range(3):
+    np.take(_LUT[c], pixels[..., c], out=out[..., c])
   return out
 
 

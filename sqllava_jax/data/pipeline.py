@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import grain
 import jax
+import numpy as np
 
 from sqllava_jax.data.errors import SkipLog, Skipped
 from sqllava_jax.data.examples import BuildOrSkip, ExampleBuilder, batch_length, collate
@@ -32,11 +33,14 @@ SKIPPED_KEY = "_skipped"
 class _BatchIterator(grain.DatasetIterator):
   """Collects `batch_size` examples, passing over `Skipped` markers (reported with the batch)."""
 
-  def __init__(self, parent, *, batch_size, drop_remainder, collate_kwargs):
+  def __init__(self, parent, *, batch_size, drop_remainder, collate_kwargs, shared_memory):
     super().__init__(parent)
     self._batch_size = batch_size
     self._drop_remainder = drop_remainder
     self._collate_kwargs = collate_kwargs
+    # In a worker process the images go straight into shared memory: no copy on the way
+    # to the training process.
+    self._alloc = grain.multiprocessing.SharedMemoryArray if shared_memory else np.empty
 
   def __next__(self):
     rows, skipped = [], []
@@ -58,7 +62,7 @@ class _BatchIterator(grain.DatasetIterator):
                           self._collate_kwargs["max_length"])
     batch = collate(rows, batch_size=self._batch_size, length=length,
                     image_size=self._collate_kwargs["image_size"],
-                    pad_id=self._collate_kwargs["pad_id"])
+                    pad_id=self._collate_kwargs["pad_id"], alloc=self._alloc)
     batch[SKIPPED_KEY] = skipped
     return batch
 
@@ -70,13 +74,21 @@ class _BatchIterator(grain.DatasetIterator):
 
 
 class BatchDataset(grain.IterDataset):
+  """Fixed-shape batches of examples; see `examples.collate`."""
+
   def __init__(self, parent, *, batch_size: int, drop_remainder: bool, **collate_kwargs):
     super().__init__(parent)
     self._kwargs = dict(batch_size=batch_size, drop_remainder=drop_remainder,
                         collate_kwargs=collate_kwargs)
+    self._shared_memory = False
+
+  def enable_shared_memory_output(self) -> None:
+    """Called by Grain's `mp_prefetch` (the `SupportsSharedMemoryOutput` protocol)."""
+    self._shared_memory = True
 
   def __iter__(self):
-    return _BatchIterator(self._parent.__iter__(), **self._kwargs)
+    return _BatchIterator(self._parent.__iter__(), shared_memory=self._shared_memory,
+                          **self._kwargs)
 
 
 class PipelineIterator(grain.DatasetIterator):

@@ -65,7 +65,8 @@ def parse_record(raw: Any, *, index: int) -> Record:
     speaker, value = turn.get("from"), turn.get("value")
     if not isinstance(speaker, str) or not isinstance(value, str):
       raise BadRecord("malformed_record",
-                      f"turn {i} needs string 'from' and 'value', got {speaker!r} / {type(value).__name__}")
+                      f"turn {i} needs string 'from' and 'value', got {speaker!r} / "
+                      f"{type(value).__name__}")
     if speaker not in ROLE_OF_SPEAKER:
       raise BadRecord("malformed_record", f"turn {i} has unknown role {speaker!r}; use one of "
                       f"{', '.join(ROLE_OF_SPEAKER)}")
@@ -97,7 +98,8 @@ def _place_image(turns: list[tuple[str, str]], image: Optional[str]):
   return tuple(out)
 
 
-def relabel_self_questions(record: Record, *, sq_r: float, seed: int) -> tuple[tuple[str, str], ...]:
+def relabel_self_questions(record: Record, *, sq_r: float,
+                           seed: int) -> tuple[tuple[str, str], ...]:
   """Turns with some human questions recast as VUSER turns (self-questioning).
 
   Each human turn after the first of an image record, except the one holding the image,

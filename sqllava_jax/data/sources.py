@@ -30,8 +30,7 @@ class JsonSource:
   def __init__(self, json_path: str, image_folder: str = ""):
     self.path = os.fspath(json_path)
     self.image_folder = os.fspath(image_folder)
-    records = _read_records(self.path)
-    encoded = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() for r in records]
+    encoded = record_texts(self.path)
     self._offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
     self._blob = b"".join(encoded)
 
@@ -39,7 +38,11 @@ class JsonSource:
     return len(self._offsets) - 1
 
   def __getitem__(self, index: int) -> tuple[Any, ReadImage]:
-    raw = json.loads(self._blob[self._offsets[index]:self._offsets[index + 1]])
+    text = self._blob[self._offsets[index]:self._offsets[index + 1]]
+    try:
+      raw = json.loads(text)
+    except ValueError as e:  # a broken line of a JSON-lines file
+      raise BadRecord("malformed_record", f"line {index + 1} is not valid JSON ({e})") from None
     return raw, functools.partial(self._read_image, raw)
 
   def image_location(self, raw) -> str:
@@ -56,13 +59,33 @@ class JsonSource:
     return f"JsonSource({self.path!r}, {len(self)} records)"
 
 
-def _read_records(path: str) -> list:
+def _is_json_lines(path: str) -> bool:
+  return path.endswith((".jsonl", ".jsonlines"))
+
+
+def record_texts(path: str) -> list[bytes]:
+  """Each record as compact JSON bytes; lines of a JSON-lines file are kept as they are, so
+  one broken line is one bad record, not an unreadable file."""
+  if _is_json_lines(path):
+    if not os.path.isfile(path):
+      raise ValueError(f"data file {path!r} does not exist; set data.json_path")
+    with open(path, "rb") as f:
+      return [line.strip() for line in f if line.strip()]
+  return [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode()
+          for r in read_records(path)]
+
+
+def read_records(path: str) -> list:
+  """The records of a LLaVA JSON list (or JSON-lines file) as Python objects."""
   if not os.path.isfile(path):
     raise ValueError(f"data file {path!r} does not exist; set data.json_path")
   with open(path, "rb") as f:
-    if path.endswith((".jsonl", ".jsonlines")):
-      return [json.loads(line) for line in f if line.strip()]
-    records = json.load(f)
+    try:
+      if _is_json_lines(path):
+        return [json.loads(line) for line in f if line.strip()]
+      records = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(records, list):
     raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
   return records
@@ -96,7 +119,10 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> tuple[Any, ReadImage]:
     example = self._data[index]
-    raw = json.loads(example["record"])
+    try:
+      raw = json.loads(example["record"])
+    except ValueError as e:
+      raise BadRecord("malformed_record", f"record {index} is not valid JSON ({e})") from None
     return raw, functools.partial(_stored_image, example, raw)
 
   def image_location(self, raw) -> str:

@@ -187,13 +187,15 @@ def is_correct(prediction: str, gold: str) -> bool:
   return prediction.strip().rstrip(".").strip().lower() == gold.lower()
 
 
-def _stage1_record(rid: str, image: str, scene: Scene) -> dict:
+def stage1_record(rid: str, image: str, scene: Scene) -> dict:
+  """A caption record (template `plain`)."""
   return {"id": rid, "image": image, "scene": scene.to_json(),
           "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                             {"from": "gpt", "value": caption(scene)}]}
 
 
-def _stage2_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
+def stage2_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
+  """A multi-turn question-answer record; the first question carries the image."""
   pool = questions(scene)
   picks = rng.permutation(len(pool))[:int(rng.integers(2, 5))]
   qa = [(pool[i][0], pool[i][1]) for i in picks]
@@ -239,7 +241,8 @@ class SyntheticPaths:
 
   def json(self, stage: int, split: str) -> str:
     if split not in SPLITS:
-      raise ValueError(f"synthetic split {split!r} does not exist; choose one of {', '.join(SPLITS)}")
+      raise ValueError(f"synthetic split {split!r} does not exist; choose one of "
+                       f"{', '.join(SPLITS)}")
     return os.path.join(self.root, f"stage{stage}_{split}.json")
 
   def vqa(self, split: str = "eval") -> str:
@@ -250,7 +253,8 @@ def dataset_paths(root: str) -> SyntheticPaths:
   return SyntheticPaths(os.fspath(root))
 
 
-def _scenes(seed: int, split: str, count: int, exclude: set) -> list[tuple[Scene, np.random.Generator]]:
+def _scenes(seed: int, split: str, count: int,
+            exclude: set) -> list[tuple[Scene, np.random.Generator]]:
   split_id = SPLITS.index(split)
   out, k = [], 0
   while len(out) < count:
@@ -278,8 +282,8 @@ def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int =
     for i, (scene, rng) in enumerate(scenes):
       rid, image = f"{split}-{i:06d}", f"{split}_{i:06d}.png"
       render_scene(scene, image_size, rng).save(os.path.join(paths.image_folder, image))
-      stage1.append(_stage1_record(rid, image, scene))
-      stage2.append(_stage2_record(rid, image, scene, rng))
+      stage1.append(stage1_record(rid, image, scene))
+      stage2.append(stage2_record(rid, image, scene, rng))
       vqa.extend(_vqa_records(rid, image, scene, rng))
     files[paths.json(1, split)] = stage1
     files[paths.json(2, split)] = stage2
@@ -288,8 +292,8 @@ def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int =
     with open(path, "w") as f:
       json.dump(records, f, indent=0)
   # A thousand records already hold every word of the closed vocabulary many times.
-  train_tokenizer(corpus(files[paths.json(1, "train")][:1000], files[paths.json(2, "train")][:1000]),
-                  paths.tokenizer, vocab_size=vocab_size)
+  train_tokenizer(corpus(files[paths.json(1, "train")][:1000],
+                         files[paths.json(2, "train")][:1000]), paths.tokenizer, vocab_size=vocab_size)
   with open(paths.manifest, "w") as f:
     json.dump({"params": params, "chance": CHANCE,
                "counts": {os.path.basename(p): len(r) for p, r in files.items()}}, f, indent=1)

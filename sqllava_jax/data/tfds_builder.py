@@ -21,7 +21,7 @@ import numpy as np
 
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.images import read_image_file, resolve_image_path
-from sqllava_jax.data.sources import _read_records  # pylint: disable=protected-access
+from sqllava_jax.data.sources import record_texts
 
 DATASET_NAME = "llava_conversations"
 VERSION = "1.0.0"
@@ -36,8 +36,12 @@ class BuildResult:
 
 
 def _examples(json_path: str, image_folder: str, problems: collections.Counter, sizes: list):
-  for index, raw in enumerate(_read_records(json_path)):
+  for index, text in enumerate(record_texts(json_path)):
     data, reason, detail = b"", "", ""
+    try:
+      raw = json.loads(text)
+    except ValueError:
+      raw = None  # stored as it is; the pipeline refuses it as a malformed record
     image = raw.get("image") if isinstance(raw, dict) else None
     if isinstance(image, str) and image:
       try:
@@ -46,7 +50,7 @@ def _examples(json_path: str, image_folder: str, problems: collections.Counter, 
         reason, detail = e.reason, e.detail
         problems[reason] += 1
     sizes.append(len(data))
-    yield index, {"record": json.dumps(raw, ensure_ascii=False), "image_bytes": data,
+    yield index, {"record": text.decode("utf-8", errors="replace"), "image_bytes": data,
                   "image_error": reason, "image_error_detail": detail}
 
 

@@ -292,6 +292,11 @@ class DataConfig:
     _check(self.prefetch >= 1, f"data.prefetch={self.prefetch} must be >= 1")
     _check(self.max_image_pixels > 0,
            f"data.max_image_pixels={self.max_image_pixels} must be > 0")
+    if self.source == "synthetic":
+      _check((self.synthetic.stage == 1) == (self.template == "plain"),
+             f"data.synthetic.stage={self.synthetic.stage} needs template "
+             f"{'plain' if self.synthetic.stage == 1 else 'vicuna_v1 or v1_sq'} "
+             f"(data.template={self.template})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,3 +283,29 @@ def test_json_lines_with_a_broken_line(data_dir, tmp_path):
   seen = np.concatenate([b["example_index"] for b in it])
   np.testing.assert_array_equal(seen, [0, 1, 3, 4, 5, 6])
   assert it.skipped == {"malformed_record": 1}
+
+
+def test_a_source_with_no_good_record_stops_with_the_reason(data_dir, tmp_path, monkeypatch):
+  from sqllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline, "MAX_SKIPS_IN_A_ROW", 20)
+  image_records = tmp_path / "images_only.json"
+  image_records.write_text(json.dumps(json.load(open(data_dir["good"]))[:10]))
+  cfg = _cfg(data_dir, **{"data.num_epochs": 0, "data.json_path": str(image_records),
+                          "data.image_folder": str(tmp_path)})  # no image is there
+  it = iter(make_pipeline(cfg, batch_size=2))
+  with pytest.raises(ValueError, match="in a row were skipped.*missing_image"):
+    next(it)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"data.template": "vicuna_v1", "data.sq_r": 0.5}, "only template v1_sq"),
+    ({"data.source": "synthetic", "data.template": "v1_sq", "data.synthetic.stage": 1},
+     "needs template plain"),
+    ({"data.length_buckets": [4096]}, "length_buckets"),
+    ({"data.num_threads": 0}, "num_threads"),
+])
+def test_config_checks(changes, message):
+  from sqllava_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  overrides = [f"{k}={json.dumps(v)}" for k, v in changes.items()]
+  with pytest.raises(ValueError, match=message):
+    load_config(None, overrides)

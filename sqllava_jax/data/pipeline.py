@@ -28,6 +28,9 @@ from sqllava_jax.data.sources import JsonSource, TfdsSource
 from sqllava_jax.data.tokenizer import Tokenizer
 
 SKIPPED_KEY = "_skipped"
+# This many bad records in a row without one good one means the configuration, not the
+# data, is wrong (paths, template): stop instead of skipping forever.
+MAX_SKIPS_IN_A_ROW = 10_000
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -55,6 +58,9 @@ class _BatchIterator(grain.DatasetIterator):
         break
       if isinstance(element, Skipped):
         skipped.append((element.reason, element.message))
+        if not rows and len(skipped) >= MAX_SKIPS_IN_A_ROW:
+          raise ValueError(f"{len(skipped)} records in a row were skipped, the last: "
+                           f"{element.message}")
       else:
         rows.append(element)
     longest = max((len(r["input_ids"]) for r in rows), default=1)

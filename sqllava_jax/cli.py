@@ -21,6 +21,7 @@ COMMANDS = {
                      "what training sees for one record: prompt, trained spans, labels"),
     "build-dataset": ("sqllava_jax.commands.build_dataset",
                       "LLaVA JSON + images -> TFDS ArrayRecord shards"),
+    "train": ("sqllava_jax.commands.train", "train a config (resumes from its output_dir)"),
     "generate": ("sqllava_jax.commands.generate", "answer prompts (with an image) with a checkpoint"),
     "ask": ("sqllava_jax.commands.ask", "self-questioning: the model asks questions about an image"),
     "eval": ("sqllava_jax.commands.eval", "batched generation over a question file, scored"),

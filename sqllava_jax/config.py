@@ -288,7 +288,7 @@ class DataConfig:
              f"data.length_buckets: {b} must be in 1..data.max_length={self.max_length}")
     _check(self.seed >= 0, f"data.seed={self.seed} must be >= 0")
     _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
-    _check(self.num_threads >= 1, f"data.num_threads={self.num_threads} must be >= 1")
+    _check(self.num_threads >= 0, f"data.num_threads={self.num_threads} must be >= 0")
     _check(self.prefetch >= 1, f"data.prefetch={self.prefetch} must be >= 1")
     _check(self.max_image_pixels > 0,
            f"data.max_image_pixels={self.max_image_pixels} must be > 0")
@@ -360,9 +360,10 @@ STAGE2_PARAM_GROUPS = (
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   param_groups: tuple[ParamGroup, ...] = STAGE2_PARAM_GROUPS
+  # Global batch = per_device_batch_size x devices x grad_accum_steps.
   per_device_batch_size: int = 1
   grad_accum_steps: int = 1
-  num_epochs: float = 1.0
+  # > 0: stop after this many steps (the data repeats if needed); 0: data.num_epochs passes.
   max_steps: int = 0
   warmup_ratio: float = 0.03
   weight_decay: float = 0.0
@@ -370,12 +371,31 @@ class TrainConfig:
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   max_grad_norm: float = 1.0
-  logits_chunk_size: int = 1024
+  # Tokens per chunk of the vocabulary projection in the loss (no [B, T, V] fp32 logits).
+  logits_chunk_size: int = 512
+  # A non-finite loss or gradient norm: skip the update (counted), or save and stop.
   nonfinite: Literal["skip", "stop"] = "skip"
   log_every: int = 10
   save_every: int = 500
   keep_checkpoints: int = 3
+  async_checkpointing: bool = True
+  # A checkpoint to start from (e.g. stage 1 for stage 2, or a `convert import-hf` output):
+  # parameters with the same path and shape are copied, except those matching
+  # `init_from_exclude` (regexes), which keep their fresh initialisation.
   init_from: str = ""
+  init_from_exclude: tuple[str, ...] = ()
+  # Freeze the ViT-LoRA (as the reference does by running the tower under no_grad).
+  freeze_vit_lora: bool = False
+
+  def __post_init__(self):
+    _check(self.per_device_batch_size >= 1,
+           f"train.per_device_batch_size={self.per_device_batch_size} must be >= 1")
+    _check(self.grad_accum_steps >= 1, f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+    _check(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+    _check(self.logits_chunk_size >= 1,
+           f"train.logits_chunk_size={self.logits_chunk_size} must be >= 1")
+    names = [g.name for g in self.param_groups]
+    _check(len(set(names)) == len(names), f"train.param_groups: duplicate names in {names}")
 
 
 @dataclasses.dataclass(frozen=True)

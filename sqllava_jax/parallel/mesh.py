@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sqllava_jax.config import ConfigError, MeshConfig
@@ -38,7 +39,7 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
   devices = list(devices if devices is not None else jax.devices())
   shape = resolve_shape(cfg, len(devices))
   try:
-    grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)  # CPU and odd topologies: plain order.
   return Mesh(grid, AXES)

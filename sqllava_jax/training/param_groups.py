@@ -21,12 +21,16 @@ def path_str(path: tuple) -> str:
 
 def assign_groups(state: nnx.State, groups: Sequence[ParamGroup]) -> dict[str, str]:
   """Maps every parameter path ('a/b/c') of `state` to the name of the one group it matches."""
+  return assign_groups_flat([path_str(p) for p, _ in nnx.to_flat_state(state)], groups)
+
+
+def assign_groups_flat(names: Sequence[str], groups: Sequence[ParamGroup]) -> dict[str, str]:
+  """Maps every parameter path ('a/b/c') to the name of the one group it matches."""
   if not groups:
     raise ValueError("train.param_groups is empty: list at least one group (see configs/)")
   compiled = [(g.name, [re.compile(p) for p in g.patterns]) for g in groups]
   assignment, unmatched, ambiguous = {}, [], []
-  for path, _ in nnx.to_flat_state(state):
-    name = path_str(path)
+  for name in names:
     hits = [g for g, pats in compiled if any(p.search(name) for p in pats)]
     if not hits:
       unmatched.append(name)

@@ -1,0 +1,29 @@
+"""`sqllava-jax train CONFIG [key=value ...]`: train into the config's `output_dir`, resuming
+from its latest checkpoint. Multi-host runs start `jax.distributed` from the environment
+(TPU pod, SLURM) or from the coordinator flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("config", help="YAML config file")
+  parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+  parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
+  parser.add_argument("--num-processes", type=int, help="number of processes")
+  parser.add_argument("--process-id", type=int, help="this process's index")
+
+
+def run(args: argparse.Namespace) -> int:
+  from sqllava_jax.parallel.multihost import maybe_initialize_distributed
+  maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  from sqllava_jax.config import load_config
+  from sqllava_jax.training.trainer import Trainer
+  cfg = load_config(args.config, args.overrides)
+  summary = Trainer(cfg).run()
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps(summary), flush=True)
+  return 0

@@ -1,0 +1,230 @@
+"""The training loop: set-up, restore, step, log, save.
+
+`Trainer(cfg).run()` trains `cfg` into `cfg.output_dir`, resuming from the latest complete
+checkpoint there. Every process runs the same code on its shard of the data; process 0 writes
+the logs. SIGTERM (preemption on TPU and SLURM) saves a checkpoint and returns normally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sqllava_jax import configlib
+from sqllava_jax.config import Config
+from sqllava_jax.models.sqllava import abstract_model
+from sqllava_jax.parallel.mesh import make_mesh, replicated
+from sqllava_jax.training import optimizer as opt
+from sqllava_jax.training import state as st
+from sqllava_jax.training.checkpoint import Checkpointer
+from sqllava_jax.training.logger import MetricsLogger, plot_loss_curve, read_metrics
+from sqllava_jax.training.step import MODEL_INPUTS, make_train_step
+
+log = logging.getLogger(__name__)
+DEVICE_KEYS = MODEL_INPUTS + ("attention_mask",)
+
+
+class NonFiniteError(RuntimeError):
+  """A non-finite loss or gradient with `train.nonfinite: stop` (a checkpoint was saved)."""
+
+
+class Trainer:
+  def __init__(self, cfg: Config, *, mesh=None):
+    self.cfg = cfg
+    self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    self.rules = cfg.mesh.rules
+    self.accum = cfg.train.grad_accum_steps
+    local_devices = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+    self.rows_per_step = cfg.train.per_device_batch_size * local_devices * self.accum
+    self.is_main = jax.process_index() == 0
+    self._build_pipeline()
+    self._build_model_and_optimizer()
+    self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), save_every=1,
+                             keep=cfg.train.keep_checkpoints,
+                             async_save=cfg.train.async_checkpointing)
+    self.stop_requested = False
+
+  # ---- set-up ---------------------------------------------------------------------------
+  def _build_pipeline(self) -> None:
+    from sqllava_jax.data.pipeline import make_pipeline
+    forever = self.cfg.train.max_steps > 0
+    self.pipeline = make_pipeline(self.cfg, batch_size=self.rows_per_step,
+                                  num_epochs=0 if forever else None)
+    if forever:
+      self.total_steps = self.cfg.train.max_steps
+    else:
+      self.total_steps = self.pipeline.num_records // self.rows_per_step
+    if self.total_steps <= 0:
+      raise ValueError(f"{self.pipeline.num_records} records make no full step of "
+                       f"{self.rows_per_step} rows per process; lower train.per_device_batch_size "
+                       "or grad_accum_steps, or set train.max_steps")
+
+  def _build_model_and_optimizer(self) -> None:
+    cfg = self.cfg
+    self.graphdef = nnx.split(abstract_model(cfg.model))[0]
+    abs_params = nnx.state(abstract_model(cfg.model), nnx.Param).to_pure_dict()
+    self.labels = opt.param_labels(abs_params, cfg.train)
+    self.trainable = opt.trainable_mask(self.labels, cfg.train)
+    self.optimizer = opt.make_optimizer(cfg.train, self.labels, self.total_steps)
+    self.pshard = st.param_shardings(cfg.model, self.mesh, self.rules)
+    dtypes = st.group_dtypes(self.labels, cfg)
+    abs_params = jax.tree.map(lambda a, d: jax.ShapeDtypeStruct(a.shape, d), abs_params, dtypes)
+    abs_opt = jax.eval_shape(self.optimizer.init, abs_params)
+    rep = replicated(self.mesh)
+    self.shardings = {"params": self.pshard,
+                      "opt_state": st.like_params_shardings(abs_opt, self.pshard, self.mesh),
+                      "step": rep, "rng": rep}
+    self.abstract_state = st.abstract_with_shardings(
+        {"params": abs_params, "opt_state": abs_opt,
+         "step": jax.ShapeDtypeStruct((), np.int32),
+         "rng": jax.ShapeDtypeStruct(st.new_rng(0).shape, np.uint32)}, self.shardings)
+    lr_fn = lambda step: opt.learning_rates(cfg.train, self.total_steps, step)
+    step = make_train_step(self.graphdef, self.optimizer, self.trainable,
+                           chunk=cfg.train.logits_chunk_size, lr_fn=lr_fn, mesh=self.mesh,
+                           rules=self.rules)
+    self.batch_shardings = st.batch_shardings(self.mesh, self.rules, dict.fromkeys(DEVICE_KEYS))
+    self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_shardings),
+                              out_shardings=(self.shardings, rep), donate_argnums=0)
+
+  def fresh_state(self) -> dict:
+    cfg = self.cfg
+    params = st.init_params(cfg, self.labels, self.pshard, cfg.seed)
+    if cfg.train.init_from:
+      params, _ = st.copy_from_checkpoint(params, cfg.train.init_from, cfg.train.init_from_exclude,
+                                          self.mesh, self.rules)
+    opt_state = jax.jit(self.optimizer.init, out_shardings=self.shardings["opt_state"])(params)
+    rep = replicated(self.mesh)
+    return {"params": params, "opt_state": opt_state,
+            "step": jax.device_put(np.int32(0), rep), "rng": jax.device_put(st.new_rng(cfg.seed), rep)}
+
+  def init_or_restore(self) -> tuple[dict, Any]:
+    """(state, data iterator): from the latest checkpoint in output_dir, else fresh."""
+    it = iter(self.pipeline)
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      return self.fresh_state(), it
+    a = self.abstract_state
+    out = self.ckpt.restore(latest, params=a["params"],
+                            train={k: a[k] for k in ("opt_state", "step", "rng")}, data_iter=it)
+    state = {"params": out["params"], **out["train"]}
+    self._truncate_logs(latest)
+    if self.is_main:
+      print(f"resumed from step {latest} in {self.ckpt.directory}", flush=True)
+    return state, it
+
+  # ---- the loop ---------------------------------------------------------------------------
+  def run(self) -> dict:
+    state, it = self.init_or_restore()
+    start = int(jax.device_get(state["step"]))
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    logger = MetricsLogger(self.cfg.output_dir, enabled=self.is_main)
+    bar = tqdm(total=self.total_steps, initial=start, disable=not self.is_main, desc="train",
+               dynamic_ncols=True)
+    t0, step, pending, window = time.time(), start, [], time.time()
+    try:
+      while step < self.total_steps and not self.stop_requested:
+        local = next(it)
+        self._record_order(step + 1, local)
+        state, metrics = self.train_step(state, st.global_batch(local, self.batch_shardings, self.accum))
+        step += 1
+        pending.append((step, metrics))
+        if self.cfg.train.nonfinite == "stop":
+          self._stop_if_nonfinite(step, state, it, metrics)
+        if step % self.cfg.train.log_every == 0 or step == self.total_steps:
+          window = self._flush(pending, logger, bar, it, window)
+          pending = []
+        if step % self.cfg.train.save_every == 0 or step == self.total_steps:
+          self._save(step, state, it)
+      if pending:
+        self._flush(pending, logger, bar, it, window)
+      if self.stop_requested:
+        self._save(step, state, it, force=True)
+    finally:
+      bar.close()
+      logger.close()
+      self.ckpt.wait()
+      signal.signal(signal.SIGTERM, previous)
+    self.state = state
+    return self._summary(step, it, time.time() - t0, stopped=self.stop_requested)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    self.stop_requested = True
+
+  def _save(self, step: int, state: dict, it, force: bool = False) -> None:
+    meta = {"config": configlib.to_dict(self.cfg), "step": step,
+            "skipped_examples": it.skipped, "total_steps": self.total_steps}
+    self.ckpt.save(step, params=state["params"], meta=meta,
+                   train={k: state[k] for k in ("opt_state", "step", "rng")}, data_iter=it,
+                   force=True)
+    if force:
+      self.ckpt.wait()
+
+  def _stop_if_nonfinite(self, step, state, it, metrics) -> None:
+    loss, gnorm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      self._save(step, state, it, force=True)
+      raise NonFiniteError(f"step {step}: loss={loss}, grad_norm={gnorm}; the update was skipped "
+                           f"and a checkpoint saved in {self.ckpt.directory}")
+
+  def _flush(self, pending, logger, bar, it, window_start) -> float:
+    now = time.time()
+    fetched = jax.device_get([m for _, m in pending])
+    tokens = sum(float(m["tokens"]) for m in fetched)
+    skipped_examples = sum(it.skipped.values())
+    for (step, _), m in zip(pending, fetched):
+      record = {k: float(v) for k, v in m.items()}
+      record.update(skipped_examples=skipped_examples,
+                    tokens_per_s=tokens / max(now - window_start, 1e-9),
+                    lr=record.get(f"lr/{self._main_group()}", 0.0))
+      logger.log(step, record)
+    last = fetched[-1]
+    bar.set_postfix(loss=f"{float(last['loss']):.4f}",
+                    lr=f"{float(last.get(f'lr/{self._main_group()}', 0.0)):.2e}",
+                    tok_s=f"{tokens / max(now - window_start, 1e-9):.0f}", skipped=skipped_examples)
+    bar.update(len(pending))
+    return now
+
+  def _main_group(self) -> str:
+    trainable = [g.name for g in self.cfg.train.param_groups if not g.frozen]
+    return trainable[0] if trainable else ""
+
+  # ---- bookkeeping ------------------------------------------------------------------------
+  def _order_path(self) -> str:
+    return os.path.join(self.cfg.output_dir, f"data_order.p{jax.process_index()}.jsonl")
+
+  def _record_order(self, step: int, local: dict) -> None:
+    os.makedirs(self.cfg.output_dir, exist_ok=True)
+    with open(self._order_path(), "a") as f:
+      f.write(json.dumps({"step": step, "example_index": local["example_index"].tolist()}) + "\n")
+
+  def _truncate_logs(self, step: int) -> None:
+    """Drops records past the restored step, which the resumed run writes again."""
+    paths = [self._order_path()] + ([os.path.join(self.cfg.output_dir, "metrics.jsonl")]
+                                    if self.is_main else [])
+    for path in paths:
+      if os.path.exists(path):
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        with open(path, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in kept)
+
+  def _summary(self, step: int, it, wall: float, *, stopped: bool) -> dict:
+    metrics_path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+    records = read_metrics(metrics_path) if self.is_main and os.path.exists(metrics_path) else []
+    png = plot_loss_curve(records, os.path.join(self.cfg.output_dir, "loss.png")) if records else None
+    summary = {"steps": step, "total_steps": self.total_steps, "stopped_early": stopped,
+               "final_loss": records[-1]["loss"] if records else None, "wall_s": round(wall, 2),
+               "skipped_examples": it.skipped, "loss_curve": png,
+               "skipped_updates": records[-1].get("skipped_updates") if records else None}
+    if self.is_main:
+      print(it.skip_summary(), flush=True)
+    return summary

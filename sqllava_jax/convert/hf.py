@@ -74,13 +74,14 @@ def assemble(make: Callable[[nnx.Rngs], nnx.Module], loaded: Mapping[str, np.nda
     raise ValueError(f"{len(unknown)} loaded tensors have no place in the model: {unknown[:5]}")
   missing = [name for name in flat if name not in loaded]
 
-  @jax.jit
   def init_missing():
     fresh = nnx.state(make(nnx.Rngs(seed)))
     values = {path_str(p): v[...] for p, v in nnx.to_flat_state(fresh)}
     return {name: values[name] for name in missing}
 
-  values = dict(init_missing()) if missing else {}
+  # Runs once: XLA's backend optimisation would cost far more (seconds) than it saves.
+  fast_compile = {"xla_backend_optimization_level": 0}
+  values = dict(jax.jit(init_missing).lower().compile(fast_compile)()) if missing else {}
   for name, array in loaded.items():
     values[name] = jax.numpy.asarray(array, dtype=flat[name][1].dtype)
   pure = {}

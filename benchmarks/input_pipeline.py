@@ -189,10 +189,10 @@ def time_ours(cfg, samples, batch_size, workers):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--samples", type=int, default=384, help="samples timed per run")
+  parser.add_argument("--samples", type=int, default=256, help="samples timed per run")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--workers", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=3, help="runs per path; the median is shown")
+  parser.add_argument("--repeats", type=int, default=5, help="runs per path; the median is shown")
   parser.add_argument("--cpu", type=int, default=None, help="CPU for the per-core runs")
   args = parser.parse_args(argv)
 
@@ -220,19 +220,21 @@ def main(argv=None) -> int:
 
     allowed = sorted(os.sched_getaffinity(0))
     cpu = allowed[-1] if args.cpu is None else args.cpu
-    results = {}
+    results = {"reference, 1 core": [], "ours, 1 core": []}
     os.sched_setaffinity(0, {cpu})
     time_reference(reference, 2 * args.batch_size, args.batch_size)  # warm-up
-    results["reference, 1 core"] = [time_reference(reference, args.samples, args.batch_size)
-                                    for _ in range(args.repeats)]
-    results["ours, 1 core"] = [time_ours(cfg, args.samples, args.batch_size, 0)
-                               for _ in range(args.repeats)]
+    # Alternating runs see the same background load (the machine may be shared).
+    for _ in range(args.repeats):
+      results["reference, 1 core"].append(time_reference(reference, args.samples, args.batch_size))
+      results["ours, 1 core"].append(time_ours(cfg, args.samples, args.batch_size, 0))
     os.sched_setaffinity(0, set(allowed))
     results[f"ours, {args.workers} workers"] = [
         time_ours(cfg, args.samples, args.batch_size, args.workers) for _ in range(args.repeats)]
+    load = os.getloadavg()[0]
 
     print(f"{len(allowed)} CPUs allowed; per-core runs pinned to CPU {cpu}; batch "
-          f"{args.batch_size}, {args.samples} samples per run, median of {args.repeats}")
+          f"{args.batch_size}, {args.samples} samples per run, median of {args.repeats}; "
+          f"load average {load:.1f} at the end")
     print("  samples/s by wall clock, and per CPU-second of the process (what one core does "
           "when nothing else runs on it)")
     med = {name: {k: statistics.median(r[k] for r in runs) for k in ("wall", "cpu")}

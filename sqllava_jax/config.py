@@ -264,7 +264,8 @@ class DataConfig:
   # Passes over the data; 0 repeats forever (training then stops at train.max_steps).
   num_epochs: int = 1
   seed: int = 0
-  # Worker processes (0: build batches in the training process) and threads per process.
+  # Worker processes (0: build batches in the training process), and threads building
+  # examples in each process (0: in the thread that asks for the batch).
   num_workers: int = 0
   num_threads: int = 1
   # Batches buffered per worker (and examples per batch row in the thread prefetch).

@@ -302,10 +302,17 @@ def test_a_source_with_no_good_record_stops_with_the_reason(data_dir, tmp_path, 
     ({"data.source": "synthetic", "data.template": "v1_sq", "data.synthetic.stage": 1},
      "needs template plain"),
     ({"data.length_buckets": [4096]}, "length_buckets"),
-    ({"data.num_threads": 0}, "num_threads"),
+    ({"data.num_threads": -1}, "num_threads"),
 ])
 def test_config_checks(changes, message):
   from sqllava_jax.config import load_config  # pylint: disable=g-import-not-at-top
   overrides = [f"{k}={json.dumps(v)}" for k, v in changes.items()]
   with pytest.raises(ValueError, match=message):
     load_config(None, overrides)
+
+
+def test_thread_count_does_not_change_the_batches(data_dir):
+  batches = [list(iter(make_pipeline(_cfg(data_dir, **{"data.num_threads": n}), batch_size=5)))
+             for n in (0, 1, 3)]
+  _assert_batches_equal(batches[0], batches[1])
+  _assert_batches_equal(batches[0], batches[2])

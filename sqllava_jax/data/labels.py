@@ -11,6 +11,7 @@ tokenisation of the whole prompt; an example where it does not is refused
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -77,29 +78,51 @@ def tokenize_conversation(tokenizer: Tokenizer, template: str | Template,
   segments = tuple(render_segments(template, turns))
   per_segment = tokenize_segments(tokenizer, segments, num_image_tokens=num_image_tokens,
                                   image_token_id=image_token_id)
-  prompt = "".join(s.text for s in segments)
-  ids = [i for seg_ids in per_segment for i in seg_ids]
-  whole = tokenizer.encode_prompt(prompt, num_image_tokens=num_image_tokens,
-                                  image_token_id=image_token_id)
-  if ids != whole:
-    at = next((k for k, (a, b) in enumerate(zip(ids, whole)) if a != b), min(len(ids), len(whole)))
-    raise BadRecord("tokenization_mismatch",
-                    f"token {at} differs ({len(ids)} per-turn tokens vs {len(whole)} for the "
-                    f"whole prompt) near {_context(tokenizer, whole, at)!r}")
-  labels = [i if seg.trained else IGNORE_INDEX
-            for seg, seg_ids in zip(segments, per_segment) for i in seg_ids]
-  owner = [k for k, seg_ids in enumerate(per_segment) for _ in seg_ids]
-  input_ids = np.asarray(ids, np.int32)
-  labels = np.asarray(labels, np.int32)
-  owner = np.asarray(owner, np.int32)
+  check_against_whole_chunks(tokenizer, segments, per_segment)
+  lengths = np.asarray([len(x) for x in per_segment])
+  input_ids = np.array(list(itertools.chain.from_iterable(per_segment)), np.int32)
+  owner = np.repeat(np.arange(len(segments), dtype=np.int32), lengths)
+  trained = np.asarray([seg.trained for seg in segments])[owner]
+  labels = np.where(trained, input_ids, np.int32(IGNORE_INDEX)).astype(np.int32)
   if max_length is not None and len(input_ids) > max_length:
     input_ids, labels, owner = _truncate(input_ids, labels, owner, max_length, image_token_id)
   if not (labels != IGNORE_INDEX).any():
     raise BadRecord("nothing_to_train",
                     f"no trained token among the {len(input_ids)} tokens kept"
                     + (f" (max_length {max_length})" if max_length else ""))
+  prompt = "".join(s.text for s in segments)
   return TokenizedConversation(prompt, segments, input_ids, labels, owner,
-                               tuple(len(x) for x in per_segment))
+                               tuple(int(n) for n in lengths))
+
+
+def check_against_whole_chunks(tokenizer: Tokenizer, segments: Sequence[Segment],
+                               per_segment: Sequence[list[int]]) -> None:
+  """Raises `tokenization_mismatch` unless the segments' tokens are those of the whole prompt.
+
+  The legacy tokenizer encodes each run of text between BOS, `</s>` and `<image>` on its
+  own, so comparing run by run is comparing with the whole prompt; a run of one segment
+  was encoded exactly so already and needs no second look.
+  """
+  run: list[int] = []
+  position = 0
+  for k, seg in enumerate(list(segments) + [None]):
+    if seg is not None and seg.kind == "text":
+      run.append(k)
+      continue
+    if len(run) > 1:
+      ids = [i for j in run for i in per_segment[j]]
+      whole = tokenizer.encode("".join(segments[j].text for j in run))
+      if ids != whole:
+        at = next((n for n, (a, b) in enumerate(zip(ids, whole)) if a != b),
+                  min(len(ids), len(whole)))
+        raise BadRecord(
+            "tokenization_mismatch",
+            f"token {position + at} differs ({len(ids)} per-turn tokens vs {len(whole)} for "
+            f"the same text as a whole) near {_context(tokenizer, whole, at)!r}")
+    position += sum(len(per_segment[j]) for j in run)
+    if seg is not None:
+      position += len(per_segment[k])
+    run = []
 
 
 def _truncate(input_ids, labels, owner, max_length, image_token_id):

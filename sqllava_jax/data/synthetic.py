@@ -269,7 +269,7 @@ def _scenes(seed: int, split: str, count: int,
 
 def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int = 500,
              image_size: int = 64, vocab_size: int = 512) -> SyntheticPaths:
-  """Writes images, the JSON files and `tokenizer.model` under `root` (replacing it)."""
+  """Writes images, the JSON files and `tokenizer.model` under `root` (overwriting them)."""
   params = dict(version=FORMAT_VERSION, seed=seed, num_train=num_train, num_eval=num_eval,
                 image_size=image_size, vocab_size=vocab_size)
   paths = dataset_paths(root)
@@ -292,8 +292,8 @@ def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int =
     with open(path, "w") as f:
       json.dump(records, f, indent=0)
   # A thousand records already hold every word of the closed vocabulary many times.
-  train_tokenizer(corpus(files[paths.json(1, "train")][:1000],
-                         files[paths.json(2, "train")][:1000]), paths.tokenizer, vocab_size=vocab_size)
+  lines = corpus(files[paths.json(1, "train")][:1000], files[paths.json(2, "train")][:1000])
+  train_tokenizer(lines, paths.tokenizer, vocab_size=vocab_size)
   with open(paths.manifest, "w") as f:
     json.dump({"params": params, "chance": CHANCE,
                "counts": {os.path.basename(p): len(r) for p, r in files.items()}}, f, indent=1)

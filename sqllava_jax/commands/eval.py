@@ -35,10 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max-new-tokens", type=int, default=128)
   parser.add_argument("--template", choices=TEMPLATE_CHOICES, default=None,
                       help="default vicuna_v1 (synthetic_sq: v1_sq)")
-  add_sampling_arguments(parser)
+  add_sampling_arguments(parser)  # synthetic_sq: temperature 0 means the protocol's sampling
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--limit", type=int, default=0, help="only the first N questions")
   parser.add_argument("--questions-per-image", type=int, default=1, help="synthetic_sq")
+  parser.add_argument("--describe-tokens", type=int, default=256,
+                      help="synthetic_sq: new tokens of the opening description")
   parser.add_argument("--model-id", default=None, help="default: the checkpoint folder's name")
   parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")

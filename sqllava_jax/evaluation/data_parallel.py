@@ -23,6 +23,14 @@ def eval_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   return Mesh(devices.reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
 
 
+def eval_mesh_if_parallel() -> Optional[Mesh]:
+  """The evaluation mesh when there is more than one device or process, else None (one
+  device needs no sharding)."""
+  if jax.device_count() == 1:
+    return None
+  return eval_mesh()
+
+
 def batch_ways(mesh: Mesh) -> int:
   """How many slices the batch is split into."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)

@@ -15,7 +15,7 @@ from sqllava_jax.evaluation import loading
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
 from sqllava_jax.evaluation.questions import load_questions
-from sqllava_jax.evaluation.sampling import Sampling
+from sqllava_jax.evaluation.sampling import SELF_QUESTION, Sampling
 from sqllava_jax.evaluation.self_questioning import Protocol
 from sqllava_jax.evaluation.tasks import SELF_ANNOTATED, score
 
@@ -24,7 +24,10 @@ def settings_from_args(args: argparse.Namespace, cfg) -> EvalSettings:
   sq = args.task == "synthetic_sq"
   template = args.template or ("v1_sq" if sq else "vicuna_v1")
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
-  protocol = Protocol(template=template, question_tokens=args.max_new_tokens)
+  if sq and args.temperature == 0:
+    sampling = SELF_QUESTION  # the protocol samples its questions unless told how
+  protocol = Protocol(template=template, describe_tokens=args.describe_tokens,
+                      question_tokens=args.max_new_tokens, question_sampling=sampling)
   return EvalSettings(images_dir=args.images, template=template, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                       model_id=args.model_id or os.path.basename(os.path.normpath(args.ckpt)),
@@ -47,7 +50,7 @@ def generation_eval(args: argparse.Namespace) -> Optional[dict]:
   questions = load_questions(args.data)
   questions = questions[:args.limit] if args.limit else questions
   model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer, mesh=dp.eval_mesh())
+  engine = Engine(model, tokenizer, mesh=dp.eval_mesh_if_parallel())
   settings = settings_from_args(args, cfg)
   start = time.perf_counter()
   done = run_eval(engine, questions, settings, args.out, progress=args.progress)
@@ -56,7 +59,7 @@ def generation_eval(args: argparse.Namespace) -> Optional[dict]:
   seconds = time.perf_counter() - start
   answers_path, skipped = done
   result = score_answers(args.task, answers_path, args.annotations, questions)
-  result.update({"answers": answers_path, "num_questions": len(questions),
+  result.update({"answers": answers_path, "num_items": len(questions),
                  "skipped_images": len(skipped), "seconds": round(seconds, 2),
                  "examples_per_second": round(len(questions) / seconds, 3)})
   return result
@@ -72,8 +75,8 @@ def perplexity_eval(args: argparse.Namespace) -> Optional[dict]:
                                           merge_lora=args.merge_lora)
   tokenizer = loading.tokenizer_for(cfg, args.ckpt, args.tokenizer)
   cfg = replace(cfg, **{"data.tokenizer": tokenizer.model_path})
-  result = evaluate_loss(model, cfg, batch_size=args.batch_size, mesh=dp.eval_mesh(),
-                         progress=args.progress)
+  result = evaluate_loss(model, cfg, batch_size=args.batch_size,
+                         mesh=dp.eval_mesh_if_parallel(), progress=args.progress)
   os.makedirs(args.out, exist_ok=True)
   return {"task": "perplexity", **result} if jax.process_index() == 0 else None
 

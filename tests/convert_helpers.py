@@ -4,7 +4,9 @@ forward passes of our model and of transformers' on the same inputs."""
 from __future__ import annotations
 
 import os
+import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
@@ -12,7 +14,8 @@ from flax import nnx
 
 from sqllava_jax.cli import main as cli
 from sqllava_jax.models import lora
-from sqllava_jax.training.checkpoint import load_model, save_model
+from sqllava_jax import configlib
+from sqllava_jax.training.checkpoint import Checkpointer, load_model
 
 TOKENIZER_VOCAB = 400  # what train_tiny_tokenizer(vocab_size=400) really gives
 IMAGE_ID = -200
@@ -38,7 +41,8 @@ def run_cli(*args) -> int:
 
 def simulate_training(ckpt: str, out: str, seed: int):
   """Stands in for a few LoRA training steps: every adapter (A and B) and every projector
-  parameter gets random non-zero values, then the model is saved as a checkpoint."""
+  parameter gets random non-zero values, then the model is saved as a training run saves
+  (a later step, with a `train` item beside `params` and `meta`)."""
   model, cfg = load_model(ckpt)
   rng = np.random.default_rng(seed)
   for _, linear in lora.lora_linears(model):
@@ -47,11 +51,32 @@ def simulate_training(ckpt: str, out: str, seed: int):
   for path, p in nnx.to_flat_state(nnx.state(model.projector, nnx.Param)):
     scale = 0.3 if path[-1] in ("sim_alpha", "sim_beta") else 0.1
     p[...] = jnp.asarray(p[...] + rng.normal(size=p.shape) * scale, p[...].dtype)
-  save_model(out, model, cfg)
-  return load_model(out)
+  ckpt_out = Checkpointer(out, async_save=False)
+  ckpt_out.save(3, params=nnx.state(model, nnx.Param).to_pure_dict(), force=True,
+                meta={"config": configlib.to_dict(cfg), "step": 3},
+                train={"step": np.int32(3), "opt_state": {"count": np.int32(3)}})
+  ckpt_out.close()
+  if os.path.isfile(os.path.join(ckpt, "tokenizer.model")):
+    shutil.copy(os.path.join(ckpt, "tokenizer.model"), out)
+  return model, cfg
 
 
-@nnx.jit
+# Test forwards run once or twice each: XLA's backend optimisation would cost more time
+# than it saves, so they compile without it (the numerics stay float32).
+_FAST = {"xla_backend_optimization_level": 0}
+_COMPILED: dict = {}
+
+
+def _run(fn, model, *args):
+  """`fn(model, *args)` jitted, one compiled executable per (fn, model structure, shapes)."""
+  graphdef, state = nnx.split(model)
+  key = (fn, graphdef, tuple(None if a is None else (a.shape, str(a.dtype)) for a in args))
+  if key not in _COMPILED:
+    pure = lambda state, *a: fn(nnx.merge(graphdef, state), *a)
+    _COMPILED[key] = jax.jit(pure).lower(state, *args).compile(_FAST)
+  return _COMPILED[key](state, *args)
+
+
 def _forward(model, ids, pixels, positions):
   hidden, _ = model(ids, pixels, positions)
   return model.llm.logits(hidden)
@@ -61,17 +86,16 @@ def our_logits(model, ids: np.ndarray, pixels=None) -> np.ndarray:
   """Logits [B, T, V] of our composite model; `ids` hold IMAGE_ID at image positions."""
   positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
   pixels = None if pixels is None else jnp.asarray(pixels, jnp.float32)
-  return np.asarray(_forward(model, jnp.asarray(ids, jnp.int32), pixels, positions))
+  return np.asarray(_run(_forward, model, jnp.asarray(ids, jnp.int32), pixels, positions))
 
 
-@nnx.jit
-def _vision(tower, pixels):
-  return tower(pixels, all_hidden_states=True)[1]["hidden_states"]
+def _vision(model, pixels):
+  return model.vision(pixels, all_hidden_states=True)[1]["hidden_states"]
 
 
 def our_vision_hidden(model, pixels: np.ndarray) -> np.ndarray:
   """[layers run + 1, B, 1 + P, D] hidden states of our vision tower."""
-  return np.asarray(_vision(model.vision, jnp.asarray(pixels, jnp.float32)))
+  return np.asarray(_run(_vision, model, jnp.asarray(pixels, jnp.float32)))
 
 
 def text_ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:

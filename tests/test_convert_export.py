@@ -2,6 +2,7 @@
 PyTorch projector what our JAX model computes (fp32, <= 1e-4)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -30,6 +31,8 @@ def sources(tmp_path_factory):
   tokenizer = train_tiny_tokenizer(str(root), vocab_size=TOKENIZER_VOCAB)
   assert Tokenizer(tokenizer).vocab_size == TOKENIZER_VOCAB
   save_llama(root / "llama", tiny_llama_config(vocab_size=TOKENIZER_VOCAB), seed=5)
+  # As a Vicuna directory ships it: import-hf copies it beside the checkpoint.
+  shutil.copy(tokenizer, root / "llama" / "tokenizer.model")
   save_clip_vision(root / "clip", seed=6)
   return root, tokenizer
 
@@ -37,10 +40,11 @@ def sources(tmp_path_factory):
 def _trained(sources, projector):
   root, tokenizer = sources
   config = write_yaml(root / f"{projector}.yaml", projector=projector,
-                      data={"tokenizer": tokenizer, "image_aspect_ratio": "pad"})
+                      data={"image_aspect_ratio": "pad"})
   imported = root / f"imported_{projector}"
   assert run_cli("import-hf", "--llm", root / "llama", "--vision", root / "clip", "--config",
                  config, "--out", imported) == 0
+  assert (imported / "tokenizer.model").is_file()
   model, cfg = simulate_training(str(imported), str(root / f"trained_{projector}"), seed=7)
   return model, cfg, root / f"trained_{projector}", config
 
@@ -93,6 +97,23 @@ def test_llama_export_logits_match_jax(cluster, exports):
   base = hf_logits(llama(exports["llama_base"]), ids)
   assert np.abs(base - ours).max() > 100 * ATOL, "the adapters should change the logits"
   print(f"llama logits max diff {diff:.2e}")
+
+
+def test_exported_tokenizer_gives_the_training_ids(cluster, exports):
+  """The fast tokenizer of the llama export splits at special tokens as training did (one
+  dummy-prefix `▁` per piece, also after `</s>`), so prompts map to the same ids."""
+  _, _, ckpt, _ = cluster
+  ours = Tokenizer(ckpt / "tokenizer.model")
+  prompt = ("A chat. USER: What is in the picture? ASSISTANT: A cat sleeping on a red sofa.</s>"
+            "VUSER: What colour is the sofa? ASSISTANT: The sofa is red.</s>")
+  hf = transformers.AutoTokenizer.from_pretrained(exports["llama"])
+  assert hf(prompt).input_ids == [ours.bos_id] + ours.encode(prompt)
+  assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id,
+                                                                ours.pad_id)
+  with open(exports["sqllava"] / "tokenizer_config.json") as f:  # the reference's slow one
+    assert json.load(f)["tokenizer_class"] == "LlamaTokenizer"
+  assert (exports["sqllava"] / "tokenizer.model").read_bytes() == (
+      ckpt / "tokenizer.model").read_bytes()
 
 
 def test_clip_export_hidden_states_match_jax(cluster, exports):
@@ -180,7 +201,8 @@ def test_llava_export_generates_like_ours(mlp, tmp_path):
   prompt = "USER: <image>\nWhat is in the picture? ASSISTANT:"
   inputs = processor(images=image, text=prompt, return_tensors="pt")
   # The same ids and pixels as our tokenizer and image pipeline (pad to square, CLIP).
-  ids = Tokenizer(cfg.data.tokenizer).encode_prompt(prompt, num_image_tokens=cfg.model.num_image_tokens)
+  tokenizer = Tokenizer(ckpt / "tokenizer.model")
+  ids = tokenizer.encode_prompt(prompt, num_image_tokens=cfg.model.num_image_tokens)
   hf_ids = inputs.input_ids[0].numpy()
   assert np.where(hf_ids == TOKENIZER_VOCAB, IMAGE_ID, hf_ids).tolist() == ids
   pixels = normalize(preprocess_image(image, size=32, aspect_ratio="pad"))[None]

@@ -72,23 +72,26 @@ def _config(args) -> Config:
 def run_import_hf(args) -> str:
   from sqllava_jax.convert.hf import import_hf
   from sqllava_jax.convert.output import check_output, write_checkpoint
+  from sqllava_jax.convert.reference import source_tokenizer
   check_output(args.out, overwrite=args.overwrite)
   model, cfg = import_hf(_config(args), llm_dir=args.llm, vision_dir=args.vision,
                          projector_file=args.projector)
   return write_checkpoint(args.out, model, cfg, overwrite=args.overwrite,
-                          extra_meta={"converted_from": {"llm": args.llm, "vision": args.vision}})
+                          extra_meta={"converted_from": {"llm": args.llm, "vision": args.vision}},
+                          tokenizer=source_tokenizer(args.llm))
 
 
 def run_import_sqllava(args) -> str:
   from sqllava_jax.convert.output import check_output, write_checkpoint
-  from sqllava_jax.convert.reference import import_reference
+  from sqllava_jax.convert.reference import import_reference, source_tokenizer
   check_output(args.out, overwrite=args.overwrite)
   model, cfg, notes = import_reference(args.model, _config(args), base_dir=args.base,
                                        vision_dir=args.vision, vit_lora_dir=args.vit_lora)
   for note in notes:
     print(f"import-sqllava: {note}", file=sys.stderr)
   return write_checkpoint(args.out, model, cfg, overwrite=args.overwrite,
-                          extra_meta={"converted_from": {"reference": args.model}})
+                          extra_meta={"converted_from": {"reference": args.model}},
+                          tokenizer=source_tokenizer(args.model, args.base))
 
 
 def run_export(args) -> str:

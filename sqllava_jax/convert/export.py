@@ -52,6 +52,7 @@ class Job:
   options: ExportOptions
   dtype: np.dtype
   final_dir: str  # where the output will live once renamed (for paths inside config.json)
+  ckpt: str
 
   @property
   def dtype_name(self) -> str:
@@ -92,13 +93,14 @@ def generation_config(job: Job, **extra) -> dict:
 
 
 def tokenizer_path(job: Job, *, required: bool) -> Optional[str]:
-  path = tokenizer_files.find_tokenizer(job.options.tokenizer, job.cfg)
+  path = tokenizer_files.find_tokenizer(job.options.tokenizer, job.cfg, job.ckpt)
   if path is None and required:
     raise CheckpointError("this format needs the tokenizer: pass --tokenizer with the "
-                          "SentencePiece tokenizer.model (the checkpoint's config names none)")
+                          "SentencePiece tokenizer.model (none beside the checkpoint or in its "
+                          "config)")
   if path is None:
-    print("export-hf: no tokenizer (none in the checkpoint's config): pass --tokenizer to "
-          "ship tokenizer files", file=sys.stderr)
+    print("export-hf: warning: no tokenizer beside the checkpoint or in its config; pass "
+          "--tokenizer to ship tokenizer files", file=sys.stderr)
   return path
 
 
@@ -179,7 +181,7 @@ EXPORTERS: dict[str, Callable[[str, Job], None]] = {
     "sqllava": export_sqllava, "peft": export_peft}
 
 
-def check_exportable(fmt: str, cfg: Config, options: ExportOptions) -> None:
+def check_exportable(fmt: str, cfg: Config, options: ExportOptions, ckpt: str) -> None:
   """Refuses up front (before anything is written) what a format cannot represent."""
   m = cfg.model
   if fmt == "peft" and not (m.llm_lora.enabled or m.vit_lora.enabled):
@@ -187,7 +189,7 @@ def check_exportable(fmt: str, cfg: Config, options: ExportOptions) -> None:
                           "nothing to export as peft")
   if fmt == "llava":
     from sqllava_jax.convert import llava_format
-    llava_format.check(cfg, tokenizer_files.find_tokenizer(options.tokenizer, cfg))
+    llava_format.check(cfg, tokenizer_files.find_tokenizer(options.tokenizer, cfg, ckpt))
 
 
 def export_checkpoint(ckpt: str, out: str, fmt: str, options: ExportOptions = ExportOptions(),
@@ -197,9 +199,9 @@ def export_checkpoint(ckpt: str, out: str, fmt: str, options: ExportOptions = Ex
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
   final = check_output(out, overwrite=overwrite)
   model, cfg = load_for_export(ckpt, step)
-  check_exportable(fmt, cfg, options)
+  check_exportable(fmt, cfg, options, ckpt)
   job = Job(ParamSource(model, merge_lora=options.merge_lora and fmt != "peft"), cfg, options,
-            output_dtype(options.dtype, cfg), final)
+            output_dtype(options.dtype, cfg), final, ckpt)
   with atomic_directory(final, overwrite=overwrite) as tmp:
     EXPORTERS[fmt](tmp, job)
   return final

@@ -149,5 +149,4 @@ def import_hf(base: Config, *, llm_dir: str, vision_dir: str,
   loaded.update(read_clip_vision(vision_dir, model_cfg.vision, shapes, prefix="vision/"))
   if projector_file:
     loaded.update(reference.read_projector_file(projector_file, model_cfg.projector, shapes))
-  cfg = reference.with_tokenizer(dataclasses.replace(base, model=model_cfg), llm_dir)
-  return assemble(make, loaded, base.seed), cfg
+  return assemble(make, loaded, base.seed), dataclasses.replace(base, model=model_cfg)

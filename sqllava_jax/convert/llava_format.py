@@ -86,7 +86,7 @@ def add_image_row(name: str, value: np.ndarray) -> np.ndarray:
 def export(directory: str, job) -> None:
   from sqllava_jax.convert.export import generation_config, write_json, write_weights
   cfg = job.cfg
-  path = tokenizer_files.find_tokenizer(job.options.tokenizer, cfg)
+  path = tokenizer_files.find_tokenizer(job.options.tokenizer, cfg, job.ckpt)
   image_id = tokenizer_files.write_llava_processor(directory, path, cfg)
   if image_id != cfg.model.llm.vocab_size:  # `check` guarantees it; a tokenizer quirk would not
     raise CheckpointError(f"the tokenizer gave <image> id {image_id}; expected "

@@ -59,11 +59,14 @@ def atomic_directory(out: str, *, overwrite: bool = False) -> Iterator[str]:
 
 
 def write_checkpoint(out: str, model: nnx.Module, cfg: Config, *, overwrite: bool = False,
-                     extra_meta: dict | None = None) -> str:
+                     extra_meta: dict | None = None, tokenizer: str | None = None) -> str:
   """Writes `model` as a model-only checkpoint (params + meta, step 0) at `out`, atomically:
-  the layout `train`, `eval`, `generate` and `ask` read (`training.checkpoint.load_model`)."""
+  the layout `train`, `eval`, `generate` and `ask` read (`training.checkpoint.load_model`).
+  `tokenizer` (a tokenizer.model) is copied beside the steps, where they look for one."""
   from sqllava_jax.training.checkpoint import save_model  # orbax only when writing
   path = check_output(out, overwrite=overwrite)
   with atomic_directory(path, overwrite=overwrite) as tmp:
     save_model(tmp, model, cfg, extra_meta=extra_meta)
+    if tokenizer:
+      shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.model"))
   return path

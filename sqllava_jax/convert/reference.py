@@ -233,18 +233,15 @@ def import_reference(model_dir: str, base: Config, *, base_dir: Optional[str] = 
     loaded.update(_llm_lora(layout, cfg.model, shapes, notes))
   if layout.vit_lora_dir:
     loaded.update(_vit_lora(layout.vit_lora_dir, cfg.model, shapes))
-  cfg = with_tokenizer(cfg, layout.model_dir, base_dir)
   return assemble(make, loaded, cfg.seed), cfg, notes
 
 
-def with_tokenizer(cfg: Config, *directories: Optional[str]) -> Config:
-  """`cfg` with `data.tokenizer` set to the first `tokenizer.model` found in `directories`
-  when the config names none (so `generate` and `ask` work on the imported checkpoint)."""
-  if cfg.data.tokenizer:
-    return cfg
+def source_tokenizer(*directories: Optional[str]) -> Optional[str]:
+  """The first `tokenizer.model` in `directories` (a Vicuna or reference directory ships
+  one); the importers copy it beside the checkpoint, where `generate`, `ask` and `export-hf`
+  look for it."""
   for directory in directories:
     path = os.path.join(directory, "tokenizer.model") if directory else ""
     if path and os.path.isfile(path):
-      return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
-                                                               tokenizer=os.path.abspath(path)))
-  return cfg
+      return path
+  return None

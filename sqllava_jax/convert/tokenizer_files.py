@@ -28,19 +28,25 @@ IMAGE_TOKEN = "<image>"
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
 
 
-def find_tokenizer(explicit: Optional[str], cfg: Config) -> Optional[str]:
-  """The `tokenizer.model` to ship: `explicit` (a file or a directory holding one), else the
-  checkpoint config's `data.tokenizer`; None when neither names one."""
-  path = explicit or cfg.data.tokenizer
-  if not path:
+def find_tokenizer(explicit: Optional[str], cfg: Config, ckpt: str) -> Optional[str]:
+  """The `tokenizer.model` to ship, found as `generate` and `ask` find theirs: `explicit` (a
+  file or a directory holding one), else `tokenizer.model` beside the checkpoint, else the
+  config's data tokenizer; None when there is none."""
+  from sqllava_jax.data.pipeline import tokenizer_path
+  if explicit:
+    path = os.path.join(explicit, "tokenizer.model") if os.path.isdir(explicit) else explicit
+    if not os.path.isfile(path):
+      raise CheckpointError(f"--tokenizer {path} does not exist; pass the SentencePiece "
+                            "tokenizer.model the model was trained with")
+    return path
+  beside = os.path.join(ckpt, "tokenizer.model")
+  if os.path.isfile(beside):
+    return beside
+  try:
+    path = tokenizer_path(cfg.data)
+  except ValueError:  # the config names none
     return None
-  if os.path.isdir(path):
-    path = os.path.join(path, "tokenizer.model")
-  if not os.path.isfile(path):
-    source = "--tokenizer" if explicit else "data.tokenizer in the checkpoint's config"
-    raise CheckpointError(f"tokenizer {path} (from {source}) does not exist; pass --tokenizer "
-                          "with the SentencePiece tokenizer.model the model was trained with")
-  return path
+  return path if os.path.isfile(path) else None
 
 
 def _fast_tokenizer(model_path: str, extra_special: Sequence[str]):

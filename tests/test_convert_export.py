@@ -12,7 +12,8 @@ from PIL import Image
 
 from sqllava_jax.data.images import normalize, preprocess_image
 from sqllava_jax.data.tokenizer import Tokenizer
-from sqllava_jax.evaluation.generate import Generator
+from sqllava_jax.cli import main as cli
+from sqllava_jax.evaluation.prompts import question_prompt
 from sqllava_jax.training.checkpoint import load_model
 from tests.convert_helpers import (IMAGE_ID, TOKENIZER_VOCAB, assert_close, load_safetensors_dir,
                                    nchw, our_logits, our_vision_hidden, pixels_nhwc, run_cli,
@@ -191,18 +192,23 @@ def test_sqllava_export_imports_back(cluster, exports, tmp_path):
   print(f"sqllava round trip logits max diff {diff:.2e}")
 
 
-def test_llava_export_generates_like_ours(mlp, tmp_path):
+def test_llava_export_generates_like_sqllava_jax_generate(mlp, tmp_path, capsys):
+  """transformers' LLaVA + AutoProcessor on the export, and `sqllava-jax generate` on the
+  checkpoint, given the same question and image file: the same ids, pixels, logits and
+  greedy answer."""
   model, cfg, ckpt, _ = mlp
   out = export(ckpt, tmp_path / "llava", "llava")
   processor = transformers.AutoProcessor.from_pretrained(out)
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(
       out, attn_implementation="eager").eval()
   image = Image.fromarray(np.random.default_rng(8).integers(0, 256, (40, 56, 3), np.uint8))
-  prompt = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+  image.save(tmp_path / "image.png")
+  question = "What is in the picture?"
+  prompt = question_prompt(question, template="vicuna_v1", image=True)
   inputs = processor(images=image, text=prompt, return_tensors="pt")
-  # The same ids and pixels as our tokenizer and image pipeline (pad to square, CLIP).
-  tokenizer = Tokenizer(ckpt / "tokenizer.model")
-  ids = tokenizer.encode_prompt(prompt, num_image_tokens=cfg.model.num_image_tokens)
+  # Our tokenizer and image pipeline (pad to square, CLIP) give the same ids and pixels.
+  ids = Tokenizer(ckpt / "tokenizer.model").encode_prompt(
+      prompt, num_image_tokens=cfg.model.num_image_tokens)
   hf_ids = inputs.input_ids[0].numpy()
   assert np.where(hf_ids == TOKENIZER_VOCAB, IMAGE_ID, hf_ids).tolist() == ids
   pixels = normalize(preprocess_image(image, size=32, aspect_ratio="pad"))[None]
@@ -211,8 +217,11 @@ def test_llava_export_generates_like_ours(mlp, tmp_path):
     theirs = to_np(hf(**inputs).logits)[..., :TOKENIZER_VOCAB]
   diff = assert_close(theirs, our_logits(model, np.asarray([ids]), pixels), ATOL, "llava logits")
   with torch.no_grad():
-    generated = hf.generate(**inputs, max_new_tokens=12, do_sample=False)
-  theirs = generated[0, len(ids):].tolist()
-  ours = Generator(model, eos_id=2, pad_id=0).generate([ids], pixels, max_new_tokens=12)
-  assert ours.new_tokens(0) == theirs and len(theirs) >= 4, (ours.new_tokens(0), theirs)
-  print(f"llava logits max diff {diff:.2e}; greedy tokens {theirs}")
+    generated = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+  capsys.readouterr()
+  assert cli(["generate", "--ckpt", str(ckpt), "--prompt", question, "--image",
+              str(tmp_path / "image.png"), "--template", "vicuna_v1", "--max-new-tokens", "12",
+              "--json"]) == 0
+  ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+  assert ours == generated and len(generated) >= 4, (ours, generated)
+  print(f"llava logits max diff {diff:.2e}; greedy tokens {generated}")

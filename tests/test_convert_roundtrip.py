@@ -117,3 +117,18 @@ def test_projector_file_is_imported(hf_dirs, tmp_path):
   assert float(p.sim_alpha[...]) == 1.5 and float(p.sim_beta[...]) == -0.5
   np.testing.assert_array_equal(np.asarray(p.ln_1.scale[...]),
                                 tensors["model.mm_projector.ln_1.weight"].numpy())
+
+
+def test_bfloat16_export_loads_in_transformers(hf_dirs, ckpt, tmp_path):
+  """`--dtype bfloat16` writes BF16 safetensors that torch reads as the rounded originals."""
+  _, _, clip = hf_dirs
+  assert run_cli("export-hf", "--ckpt", ckpt, "--out", tmp_path / "bf16", "--format", "clip",
+                 "--dtype", "bfloat16", "--no-progress") == 0
+  model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+  with open(tmp_path / "bf16" / "config.json") as f:
+    assert json.load(f)["torch_dtype"] == "bfloat16"
+  got, want = model.state_dict(), clip.state_dict()
+  assert got.keys() == want.keys()
+  for name, value in want.items():
+    assert got[name].dtype == torch.bfloat16, name
+    assert torch.equal(got[name], value.to(torch.bfloat16)), name

@@ -39,8 +39,10 @@ def load_for_export(ckpt: str, step: Optional[int] = None):
   except (ValueError, OSError) as e:
     raise CheckpointError(f"{ckpt}: cannot read as an orbax checkpoint ({e})") from e
   if step is None or not _has_model_items(ckpt, step):
+    hint = (f"; a training run keeps them in {os.path.join(ckpt, 'checkpoints')}"
+            if os.path.isdir(os.path.join(ckpt, "checkpoints")) else "")
     raise CheckpointError(f"{ckpt} is not a sqllava-jax checkpoint (no complete step with "
-                          "params and meta); make one with `convert import-hf` or `train`")
+                          f"params and meta); make one with `convert import-hf` or `train`{hint}")
   cfg = C.config_from_meta(manager.read_meta(step))
   try:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])

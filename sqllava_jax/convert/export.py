@@ -40,7 +40,8 @@ class ExportOptions:
   dtype: str = "auto"                 # auto (model.param_dtype), float32, bfloat16, float16
   merge_lora: bool = True             # False: base weights only (for PEFT adapters on top)
   max_shard_bytes: int = 5 * 10**9
-  tokenizer: Optional[str] = None     # tokenizer.model; default: the config's data.tokenizer
+  tokenizer: Optional[str] = None     # default: tokenizer.model beside the checkpoint, else
+                                      # the config's data tokenizer
   progress: bool = True
 
 
@@ -69,7 +70,8 @@ def tensor_count(specs: Sequence[KeySpec]) -> int:
 
 def write_weights(directory: str, job: Job, specs: Sequence[KeySpec], *, desc: str,
                   edit: Callable[[str, np.ndarray], np.ndarray] = lambda name, x: x) -> None:
-  """Streams `specs` from the checkpoint into sharded safetensors in `output dtype`."""
+  """Streams `specs` from the checkpoint into sharded safetensors in the job's dtype;
+  `edit(hf name, array)` may change a tensor on its way (the LLaVA vocabulary row)."""
   from tqdm import tqdm
   writer = ShardedWriter(directory, max_shard_bytes=job.options.max_shard_bytes)
   stream: Iterator = export_tensors(specs, job.source.get)
@@ -92,12 +94,9 @@ def generation_config(job: Job, **extra) -> dict:
           "pad_token_id": llm.pad_token_id, **extra}
 
 
-def tokenizer_path(job: Job, *, required: bool) -> Optional[str]:
+def tokenizer_path(job: Job) -> Optional[str]:
+  """The tokenizer to ship; a warning (the weights are still useful) when there is none."""
   path = tokenizer_files.find_tokenizer(job.options.tokenizer, job.cfg, job.ckpt)
-  if path is None and required:
-    raise CheckpointError("this format needs the tokenizer: pass --tokenizer with the "
-                          "SentencePiece tokenizer.model (none beside the checkpoint or in its "
-                          "config)")
   if path is None:
     print("export-hf: warning: no tokenizer beside the checkpoint or in its config; pass "
           "--tokenizer to ship tokenizer files", file=sys.stderr)
@@ -108,7 +107,7 @@ def export_llama(directory: str, job: Job) -> None:
   llm = job.cfg.model.llm
   write_json(directory, "config.json", {**llm.to_hf_config(), "torch_dtype": job.dtype_name})
   write_json(directory, "generation_config.json", generation_config(job))
-  path = tokenizer_path(job, required=False)
+  path = tokenizer_path(job)
   if path:
     tokenizer_files.write_fast_tokenizer(directory, path,
                                          model_max_length=llm.max_position_embeddings)
@@ -138,7 +137,7 @@ def export_sqllava(directory: str, job: Job) -> None:
                                    vision_tower=os.path.join(job.final_dir, "vision_tower"))
   write_json(directory, "config.json", cfg)
   write_json(directory, "generation_config.json", generation_config(job))
-  path = tokenizer_path(job, required=False)
+  path = tokenizer_path(job)
   if path:
     tokenizer_files.write_slow_tokenizer(directory, path,
                                          model_max_length=m.llm.max_position_embeddings)

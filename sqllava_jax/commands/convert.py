@@ -52,14 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--ckpt", required=True, help="sqllava-jax checkpoint directory")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   p.add_argument("--format", required=True,
-                 choices=("llama", "clip", "llava", "sqllava", "peft"))
+                 choices=("llama", "clip", "llava", "sqllava", "peft"),
+                 help="llama: LlamaForCausalLM; clip: CLIPVisionModel; llava: "
+                      "LlavaForConditionalGeneration + processor (mlp2x_gelu); sqllava: the "
+                      "reference code's layout; peft: LoRA adapters only")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                  help="weights dtype (auto: the config's model.param_dtype)")
   p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
                  help="fold the LoRA adapters into the weights (--no-merge-lora: base weights, "
                       "for a peft export on top)")
   p.add_argument("--shard-size", default="5GB", help="largest safetensors shard (e.g. 2GB)")
-  p.add_argument("--tokenizer", help="tokenizer.model to ship (default: data.tokenizer)")
+  p.add_argument("--tokenizer", help="tokenizer.model to ship (default: the one beside the "
+                 "checkpoint, else the config's data tokenizer)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                  help="show a progress bar")
   _add_output(p, "output directory")

@@ -44,10 +44,12 @@ def hf_greedy(hf, prompts, eos_id):
   return rows
 
 
-def test_greedy_matches_transformers(pair, prompts):
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "scanned"])
+def test_greedy_matches_transformers(pair, prompts, unstack):
   hf, ours = pair
   expected = hf_greedy(hf, prompts, eos_id=2)
-  out = G.Generator(ours, eos_id=2, pad_id=0).generate(prompts, max_new_tokens=NEW)
+  gen = G.Generator(ours, eos_id=2, pad_id=0, unstack_layers=unstack)
+  out = gen.generate(prompts, max_new_tokens=NEW)
   assert out.tokens.shape == (len(prompts), NEW)
   assert len({tuple(r) for r in expected}) == len(prompts), "rows should differ"
   for i, want in enumerate(expected):

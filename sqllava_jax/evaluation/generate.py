@@ -81,18 +81,19 @@ def _parts(model: nnx.Module):
   raise TypeError(f"cannot generate with a {type(model).__name__}; pass an SQLLaVA or a Llama")
 
 
-def _prefill(llm: Llama, embeds, mask, max_new_tokens: int):
+def _prefill(llm: Llama, layers, embeds, mask, max_new_tokens: int):
   """embeds [B, T, D], mask bool[B, T] -> (last-position logits [B, V], cache, lengths int[B])."""
   b, t, _ = embeds.shape
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  cache = KVCache.init(llm.cfg, b, t + max_new_tokens, dtype=llm.dtype)
-  hidden, cache = llm.decode(embeds, positions, cache=cache, token_valid=mask)
+  cache = KVCache.init(llm.cfg, b, t + max_new_tokens, dtype=llm.dtype,
+                       per_layer=layers is not None)
+  hidden, cache = llm.decode(embeds, positions, cache=cache, token_valid=mask, layers=layers)
   # Prompts are left-padded, so the last position is real in every row.
   return llm.logits(hidden[:, -1:])[:, 0], cache, mask.sum(axis=1).astype(jnp.int32)
 
 
-def _decode_loop(llm: Llama, cache, first, lengths, key, params, *, max_new_tokens: int,
-                 greedy: bool, eos_id: int, pad_id: int):
+def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
+                 max_new_tokens: int, greedy: bool, eos_id: int, pad_id: int):
   """Feeds each new token back until every row has produced `eos_id` or the budget is spent.
 
   first, lengths: int32[B]. Returns (tokens int32[B, N], num_new int32[B]).
@@ -109,7 +110,7 @@ def _decode_loop(llm: Llama, cache, first, lengths, key, params, *, max_new_toke
   def body(carry):
     step, token, cache, out, done, num_new = carry
     positions = (lengths + step - 1)[:, None]
-    hidden, cache = llm.decode(llm.embed(token[:, None]), positions, cache=cache)
+    hidden, cache = llm.decode(llm.embed(token[:, None]), positions, cache=cache, layers=layers)
     logits = llm.logits(hidden)[:, 0]
     token = next_token(logits, jax.random.fold_in(key, step), params, greedy=greedy)
     token = jnp.where(done, pad_id, token)
@@ -122,17 +123,18 @@ def _decode_loop(llm: Llama, cache, first, lengths, key, params, *, max_new_toke
   return out, num_new
 
 
-def _generate(graphdef, state, ids, pixels, mask, key, params, *, max_new_tokens: int,
-              greedy: bool, eos_id: int, pad_id: int):
+def _generate(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, params, *,
+              max_new_tokens: int, greedy: bool, eos_id: int, pad_id: int):
   _TRACES["count"] += 1  # runs only while tracing
   llm, embed = _parts(nnx.merge(graphdef, state))
-  logits, cache, lengths = _prefill(llm, embed(ids, pixels), mask, max_new_tokens)
+  layers = None if layer_states is None else [nnx.merge(layer_def, s) for s in layer_states]
+  logits, cache, lengths = _prefill(llm, layers, embed(ids, pixels), mask, max_new_tokens)
   first = next_token(logits, jax.random.fold_in(key, 0), params, greedy=greedy)
-  return _decode_loop(llm, cache, first, lengths, key, params, max_new_tokens=max_new_tokens,
-                      greedy=greedy, eos_id=eos_id, pad_id=pad_id)
+  return _decode_loop(llm, layers, cache, first, lengths, key, params,
+                      max_new_tokens=max_new_tokens, greedy=greedy, eos_id=eos_id, pad_id=pad_id)
 
 
-_generate_jit = jax.jit(_generate, static_argnums=(0,),
+_generate_jit = jax.jit(_generate, static_argnums=(0, 2),
                         static_argnames=("max_new_tokens", "greedy", "eos_id", "pad_id"))
 
 
@@ -142,19 +144,26 @@ class Generator:
   With `mesh`, the weights are replicated over it and every batch is split along its
   leading axis over the mesh's `data` and `fsdp` axes (data-parallel decoding); each process
   then passes and gets back only its own rows.
+
+  `unstack_layers` (default) keeps a copy of the decoder layers' weights with one array per
+  layer, which decoding reads in place: twice as fast on a CPU, where slicing a layer out of
+  the stacked (scanned) weights copies it at every step. It costs the decoder layers' memory
+  once more; without it decoding scans the stacked layers.
   """
 
   def __init__(self, model: nnx.Module, *, eos_id: int, pad_id: int,
                mesh: Optional[jax.sharding.Mesh] = None, min_bucket: int = 16,
-               bucket_step: int = 128):
-    _parts(model)  # fails early for a model we cannot generate with
+               bucket_step: int = 128, unstack_layers: bool = True):
+    llm, _ = _parts(model)  # fails early for a model we cannot generate with
     self.graphdef, self.state = nnx.split(model)
+    self.layer_def, self.layer_states = llm.unstacked_layers() if unstack_layers else (None, None)
     self.eos_id, self.pad_id = eos_id, pad_id
     self.cfg = model.cfg if isinstance(model, SQLLaVA) else None
     self.min_bucket, self.bucket_step = min_bucket, bucket_step
     self.mesh = mesh
     if mesh is not None:
-      self.state = jax.device_put(self.state, data_parallel.replicated(mesh))
+      self.state, self.layer_states = jax.device_put((self.state, self.layer_states),
+                                                     data_parallel.replicated(mesh))
 
   def _check_ids(self, prompts, pixel_values) -> Optional[np.ndarray]:
     if self.cfg is None:
@@ -192,7 +201,8 @@ class Generator:
     if self.mesh is not None:
       inputs = data_parallel.shard_batch(self.mesh, inputs)
     tokens, num_new = _generate_jit(
-        self.graphdef, self.state, *inputs, key, sampling.arrays(),
+        self.graphdef, self.state, self.layer_def, self.layer_states, *inputs, key,
+        sampling.arrays(),
         max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=self.eos_id,
         pad_id=self.pad_id)
     if self.mesh is not None:

@@ -12,7 +12,7 @@ over the cache slots hides padding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,18 +28,30 @@ from sqllava_jax.models.lora import fold_rng, linear_factory
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys/values of every layer: k, v [layers, B, S, kv_heads, head_dim]; `valid` [B, S] marks
-  slots holding real tokens; `index` is the next slot to write (shared by all rows)."""
-  k: jax.Array
-  v: jax.Array
+  """Keys/values of every layer: k, v [layers, B, S, kv_heads, head_dim], or with
+  `per_layer=True` tuples of one [B, S, kv_heads, head_dim] array per layer (the layout of
+  `decode(..., layers=...)`); `valid` [B, S] marks slots holding real tokens; `index` is the
+  next slot to write (shared by all rows)."""
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
-  def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+  def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+           per_layer: bool = False) -> "KVCache":
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    if per_layer:
+      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    else:
+      k = jnp.zeros((cfg.num_layers, *shape), dtype)
+      v = jnp.zeros((cfg.num_layers, *shape), dtype)
+    return cls(k=k, v=v, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+  @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, tuple)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -170,12 +182,17 @@ class Llama(nnx.Module):
 
   def decode(self, x: jax.Array, positions: jax.Array, *, segment_ids: Optional[jax.Array] = None,
              cache: Optional[KVCache] = None, token_valid: Optional[jax.Array] = None,
-             rng: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
+             rng: Optional[jax.Array] = None,
+             layers: Optional[Sequence[nnx.Module]] = None) -> tuple[jax.Array, Optional[KVCache]]:
     """Runs the layers and the final norm. x: [B, T, D]; positions: int[B, T].
 
     Without `cache`: causal self-attention (within segments if `segment_ids` [B, T]).
     With `cache`: writes T new slots at `cache.index`; `token_valid` bool[B, T] says which
     of the new tokens are real (left padding is not). Returns (hidden [B, T, D], cache).
+    `layers` (with a per-layer cache): the decoder layers as separate modules, run one
+    after another instead of scanned. A scan slices each layer's weights out of the stacked
+    arrays, which XLA does with a copy: every decode step would write all the weights once
+    more and read them twice. Separate arrays are read once, in place.
     """
     x = L.shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
     n = self.cfg.num_layers
@@ -194,6 +211,12 @@ class Llama(nnx.Module):
     new_valid = jnp.ones(x.shape[:2], bool) if token_valid is None else token_valid
     valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
     mask = cache_mask(valid, cache.index, t)
+    if layers is not None:
+      x, k, v = _run_unstacked(layers, x, positions, mask, cache, rngs)
+      return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
+    if cache.per_layer:
+      raise ValueError("a per-layer KV cache goes with unstacked layers: pass "
+                       "layers=model.unstacked_layers() or use KVCache.init(per_layer=False)")
 
     def body_cached(layer, h, inputs):
       layer_rng, ck, cv = inputs
@@ -203,12 +226,33 @@ class Llama(nnx.Module):
     x, (k, v) = L.scan_layers(self.layers, body_cached, x, (rngs, cache.k, cache.v))
     return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 
+  def unstacked_layers(self) -> tuple[nnx.GraphDef, list[nnx.State]]:
+    """(graphdef, one state per layer): copies of the stacked layer parameters, one array per
+    layer, for `decode(layers=...)`. Call outside jit; it costs the layers' memory again."""
+    graphdef, state = nnx.split(self.layers)
+    return graphdef, [jax.tree.map(lambda a: jnp.array(a[i]), state)
+                      for i in range(self.cfg.num_layers)]
+
   def __call__(self, input_ids: jax.Array, positions: Optional[jax.Array] = None, **kwargs):
     """Convenience full forward: int[B, T] -> (logits [B, T, V], cache)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     hidden, cache = self.decode(self.embed(input_ids), positions, **kwargs)
     return self.logits(hidden), cache
+
+
+def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs):
+  """The decoder layers in turn, each with its own cache arrays (updated in place)."""
+  if not cache.per_layer or len(cache.k) != len(layers):
+    raise ValueError(f"unstacked layers need a per-layer KV cache with one entry per layer "
+                     f"({len(layers)}): KVCache.init(..., per_layer=True)")
+  ks, vs = [], []
+  for i, layer in enumerate(layers):
+    layer_rng = None if rngs is None else rngs[i]
+    x, (k, v) = layer(x, positions, mask, (cache.k[i], cache.v[i], cache.index), layer_rng)
+    ks.append(k)
+    vs.append(v)
+  return x, tuple(ks), tuple(vs)
 
 
 def hf_key_map(cfg: LLMConfig) -> list[KeySpec]:

@@ -75,6 +75,19 @@ def test_matches_clip_image_processor(processors, name, aspect_ratio, size):
   assert diff.max() < 1e-2, (name, float(diff.max()))
 
 
+def test_band_resize_equals_resizing_the_whole_square():
+  rng = np.random.default_rng(0)
+  photo = skimage.data.astronaut()
+  for _ in range(40):
+    h, w = (int(x) for x in rng.integers(8, 400, size=2))
+    y, x = int(rng.integers(0, 512 - h)), int(rng.integers(0, 512 - w))
+    img = Image.fromarray(np.ascontiguousarray(photo[y:y + h, x:x + w]))
+    for size in (336, 28):  # shrinking and enlarging
+      whole = images.resize_and_crop(images.expand_to_square(img), size)
+      np.testing.assert_array_equal(np.asarray(images.pad_and_resize(img, size)),
+                                    np.asarray(whole), err_msg=f"{img.size} -> {size}")
+
+
 def test_pad_colour_and_centering():
   img = Image.new("RGB", (40, 20), (255, 0, 0))
   square = images.expand_to_square(img)

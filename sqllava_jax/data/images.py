@@ -3,13 +3,15 @@
 `pad` mode (LLaVA-1.5 stage 2): pad to a centred square with the CLIP mean colour, then the
 CLIP processor: bicubic resize of the short side to `size`, centre crop, scale to [0, 1],
 normalise with the CLIP mean and std. `square` mode (stage 1) skips the padding. Resizing
-runs in PIL on 8-bit pixels, as the processor does, so results agree to float rounding;
-normalisation is deferred to `normalize_into`, which the batcher runs once per batch.
+runs in PIL on 8-bit pixels, as the processor does, so results agree to one level at most
+(see `pad_and_resize`); normalisation is deferred to `normalize_into`, which the batcher
+runs once per batch.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from typing import Literal
@@ -127,11 +129,50 @@ def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
   return img
 
 
+# PIL's bicubic kernel reaches two pixels either side (scaled up when shrinking).
+_BICUBIC_SUPPORT = 2.0
+
+
+def pad_and_resize(img: Image.Image, size: int, color=PAD_COLOR) -> Image.Image:
+  """`resize_and_crop(expand_to_square(img), size)` without resampling pure padding.
+
+  An output row (or column, for portrait images) whose bicubic kernel sees only padding
+  is the pad colour exactly, so only the band whose kernels reach the photo is resampled,
+  through PIL's `box`. The band starts and ends on output rows whose source position is a
+  binary fraction: PIL reads the box as float32, and only then are the band's kernel
+  weights those of the whole square, so the result is the same, pixel for pixel.
+  """
+  width, height = img.size
+  side, short = max(width, height), min(width, height)
+  if width == height or side == size:
+    return resize_and_crop(expand_to_square(img, color), size)
+  scale = side / size
+  support = _BICUBIC_SUPPORT * max(scale, 1.0)
+  offset = (side - short) // 2
+  # Output rows that are multiples of `step` sit at binary-fraction source positions.
+  step = size // math.gcd(size, side)
+  step //= step & -step
+  first = max(0, math.floor((offset - support) / scale - 0.5)) // step * step
+  last = min(size, -(-(math.ceil((offset + short + support) / scale - 0.5) + 1) // step) * step)
+  lo = max(0, math.floor((first + 0.5) * scale - support) - 1)
+  hi = min(side, math.ceil((last - 0.5) * scale + support) + 1)
+  landscape = width > height
+  source = Image.new(img.mode, (side, hi - lo) if landscape else (hi - lo, side), color)
+  source.paste(img, (0, offset - lo) if landscape else (offset - lo, 0))
+  start, stop = first * side / size - lo, last * side / size - lo
+  box = (0, start, side, stop) if landscape else (start, 0, stop, side)
+  band = source.resize((size, last - first) if landscape else (last - first, size),
+                       Image.Resampling.BICUBIC, box=box)
+  out = Image.new(img.mode, (size, size), color)
+  out.paste(band, (0, first) if landscape else (first, 0))
+  return out
+
+
 def preprocess_image(img: Image.Image, *, size: int,
                      aspect_ratio: AspectRatio = "pad") -> np.ndarray:
   """uint8[size, size, 3]: the processed image before normalisation."""
   if aspect_ratio == "pad":
-    img = expand_to_square(img)
+    return np.asarray(pad_and_resize(img, size))
   return np.asarray(resize_and_crop(img, size))
 
 

@@ -1,9 +1,19 @@
-"""Shared pytest set-up: CPU only, deterministic, float32 matmuls at full precision."""
+"""Shared pytest set-up: CPU only, 8 simulated devices (for the sharding tests; everything
+else runs on device 0), float32 matmuls at full precision."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+# Compiled programs are cached on disk, so tests (and subprocess runs) that build the same
+# train step compile it once; the cache lives beside pytest's own.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

@@ -161,6 +161,8 @@ class Trainer:
     self.stop_requested = True
 
   def _save(self, step: int, state: dict, it, force: bool = False) -> None:
+    if step in self.ckpt.all_steps():  # e.g. SIGTERM right after a scheduled save
+      return
     meta = {"config": configlib.to_dict(self.cfg), "step": step,
             "skipped_examples": it.skipped, "total_steps": self.total_steps}
     self.ckpt.save(step, params=state["params"], meta=meta,

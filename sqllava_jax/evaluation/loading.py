@@ -7,7 +7,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+import jax
+
 from sqllava_jax.config import Config
+from sqllava_jax.evaluation import data_parallel as dp
 from sqllava_jax.data.tokenizer import Tokenizer
 from sqllava_jax.models import lora
 from sqllava_jax.models.sqllava import SQLLaVA
@@ -28,12 +31,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_inference(ckpt: str, *, step: Optional[int] = None, overrides: Sequence[str] = (),
                        merge_lora: bool = True) -> tuple[SQLLaVA, Config]:
-  """The model of a checkpoint with its config, adapters merged unless asked not to."""
+  """The model of a checkpoint with its config, adapters merged unless asked not to. With
+  several processes the weights are restored replicated over all devices (orbax needs a
+  target layout there)."""
   from sqllava_jax.training.checkpoint import load_model  # pylint: disable=g-import-not-at-top
-  model, cfg = load_model(ckpt, step=step, overrides=overrides)
+  shardings = _replicated(ckpt, step, overrides) if jax.process_count() > 1 else None
+  model, cfg = load_model(ckpt, step=step, overrides=overrides, shardings=shardings)
   if merge_lora:
     lora.merge(model)
   return model, cfg
+
+
+def _replicated(ckpt: str, step: Optional[int], overrides: Sequence[str]):
+  """A replicated sharding over every device for each parameter of the checkpoint's model."""
+  from sqllava_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  meta = checkpoint.Checkpointer(ckpt, read_only=True).read_meta(step)
+  cfg = checkpoint.config_from_meta(meta, overrides)
+  everywhere = dp.replicated(dp.eval_mesh())
+  return jax.tree.map(lambda _: everywhere, checkpoint.abstract_params(cfg.model))
 
 
 def tokenizer_for(cfg: Config, ckpt: str, path: Optional[str] = None) -> Tokenizer:

@@ -209,3 +209,23 @@ def test_sharded_run_equals_single_device(tmp_path, data_dir, single_device_run,
   assert emb.addressable_shards[0].data.shape == (emb.shape[0] // tensor, emb.shape[1] // fsdp)
   shard_shape = q.addressable_shards[0].data.shape
   assert shard_shape == (q.shape[0], q.shape[1] // fsdp, q.shape[2] // tensor)
+
+
+def test_restore_onto_a_different_mesh(tmp_path, data_dir):
+  eight = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1), devices=jax.devices()[:8])
+  _, _, saved = run_steps(tmp_path, data_dir, "train.max_steps=3",
+                          "train.per_device_batch_size=1", mesh=eight)
+  four = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), devices=jax.devices()[:4])
+  trainer = Trainer(tiny_cfg(tmp_path, data_dir, "train.max_steps=3",
+                             "train.per_device_batch_size=1"), mesh=four)
+  state, _ = trainer.init_or_restore()
+  assert int(state["step"]) == 3
+  restored = host_params(state["params"])
+  for k, v in saved.items():
+    np.testing.assert_array_equal(restored[k], v, err_msg=k)
+  q = state["params"]["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
+  up = state["params"]["llm"]["layers"]["mlp"]["up_proj"]["lora_b"]
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "shape", ()) == up.shape]
+  assert len(moments) == 4 and all(m.sharding == up.sharding for m in moments)  # gate and up: mu, nu

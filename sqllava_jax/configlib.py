@@ -180,16 +180,19 @@ def _deepcopy(data: Any) -> Any:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-  """Reads a YAML config; `base: other.yaml` (relative to this file) is merged underneath."""
+  """Reads a YAML config. `base: other.yaml` (or a list, later entries winning) names files,
+  relative to this one, that are merged underneath it."""
   with open(path) as f:
     data = yaml.safe_load(f) or {}
   if not isinstance(data, dict):
     raise ConfigError(f"{path}: the top level must be a mapping")
-  base = data.pop("base", None)
-  if base is None:
+  bases = data.pop("base", None)
+  if bases is None:
     return data
-  base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
-  return deep_merge(load_yaml(base_path), data)
+  merged: dict = {}
+  for base in [bases] if isinstance(bases, str) else bases:
+    merged = deep_merge(merged, load_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), base)))
+  return deep_merge(merged, data)
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -229,3 +229,37 @@ def test_restore_onto_a_different_mesh(tmp_path, data_dir):
   up = state["params"]["llm"]["layers"]["mlp"]["up_proj"]["lora_b"]
   moments = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "shape", ()) == up.shape]
   assert len(moments) == 4 and all(m.sharding == up.sharding for m in moments)  # gate and up: mu, nu
+
+
+def test_stage2_starts_from_stage1(tmp_path, data_dir):
+  """Projector and ViT-LoRA come from the stage-1 checkpoint; the LLM-LoRA starts fresh."""
+  from sqllava_jax.models.sqllava import SQLLaVA
+  from sqllava_jax.training.checkpoint import save_model
+  stage1_cfg = tiny_cfg(tmp_path, data_dir, "model.llm_lora.rank=0")
+  stage1 = SQLLaVA(stage1_cfg.model, rngs=nnx.Rngs(7))
+  stage1.vision.layers.fc1.lora_b[...] = jnp.full(stage1.vision.layers.fc1.lora_b.shape, 0.25)
+  save_model(str(tmp_path / "stage1"), stage1, stage1_cfg)
+  cfg = tiny_cfg(tmp_path, data_dir, f"train.init_from={tmp_path / 'stage1'}",
+                 'train.init_from_exclude=["^llm/.*/lora_[ab]$"]')
+  params = host_params(Trainer(cfg, mesh=one_device()).fresh_state()["params"])
+  s1 = host_params(nnx.to_pure_dict(nnx.state(stage1, nnx.Param)))
+  for k in s1:
+    np.testing.assert_array_equal(params[k], s1[k], err_msg=k)
+  assert (params["vision/layers/fc1/lora_b"] == 0.25).all()
+  assert (params["llm/layers/mlp/up_proj/lora_b"] == 0).all()
+  assert np.abs(params["llm/layers/mlp/up_proj/lora_a"]).max() > 0
+
+
+def test_paper_stage_configs():
+  from sqllava_jax.config import load_config
+  for size in ("7b", "13b"):
+    s1 = load_config(f"configs/sqllava_{size}_stage1.yaml")
+    s2 = load_config(f"configs/sqllava_{size}_stage2.yaml")
+    lr1 = {g.name: g.lr for g in s1.train.param_groups if not g.frozen}
+    lr2 = {g.name: g.lr for g in s2.train.param_groups if not g.frozen}
+    assert lr1 == {"projector": 1e-3, "vit_lora": 2e-4}
+    assert lr2 == {"llm_lora": 2e-4, "projector": 2e-5, "vit_lora": 2e-5}
+    assert (s1.data.template, s2.data.template, s2.data.sq_r) == ("plain", "v1_sq", 0.5)
+    assert s1.model.llm_lora.rank == 0 and s2.model.llm_lora.rank == 128
+    assert s1.train.per_device_batch_size * 8 * s1.train.grad_accum_steps == 256
+    assert s2.train.per_device_batch_size * 8 * s2.train.grad_accum_steps == 128

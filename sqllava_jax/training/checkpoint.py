@@ -106,7 +106,7 @@ def is_checkpoint_dir(directory: str) -> bool:
 def abstract_params(model_cfg, shardings: Any = None) -> Any:
   """Shape/dtype (and sharding) skeleton of the parameters, for restoring without init."""
   from sqllava_jax.models.sqllava import abstract_model
-  state = nnx.state(abstract_model(model_cfg), nnx.Param).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param))
   if shardings is None:
     return state
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
@@ -123,7 +123,7 @@ def save_model(directory: str, model: nnx.Module, cfg: Config, *, step: int = 0,
   """Writes a model-only checkpoint (params + meta) that every command accepts."""
   ckpt = Checkpointer(directory, async_save=False)
   meta = {"config": configlib.to_dict(cfg), "step": step, **(extra_meta or {})}
-  ckpt.save(step, params=nnx.state(model, nnx.Param).to_pure_dict(), meta=meta, force=True)
+  ckpt.save(step, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), meta=meta, force=True)
   ckpt.close()
 
 

@@ -66,7 +66,7 @@ def init_params(cfg: Config, labels: Mapping, pshard: Mapping, seed: int) -> dic
   dtypes = group_dtypes(labels, cfg)
 
   def init():
-    params = nnx.state(SQLLaVA(cfg.model, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(SQLLaVA(cfg.model, rngs=nnx.Rngs(seed)), nnx.Param))
     return jax.tree.map(lambda p, d: p.astype(d), params, dtypes)
 
   return jax.jit(init, out_shardings=pshard)()

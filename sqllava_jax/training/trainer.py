@@ -16,22 +16,16 @@ import time
 from typing import Any, Optional
 
 import jax
-import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from sqllava_jax import configlib
 from sqllava_jax.config import Config
-from sqllava_jax.models.sqllava import abstract_model
-from sqllava_jax.parallel.mesh import make_mesh, replicated
-from sqllava_jax.training import optimizer as opt
-from sqllava_jax.training import state as st
+from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.training.checkpoint import Checkpointer
 from sqllava_jax.training.logger import MetricsLogger, plot_loss_curve, read_metrics
-from sqllava_jax.training.step import MODEL_INPUTS, make_train_step
+from sqllava_jax.training.program import TrainProgram
 
 log = logging.getLogger(__name__)
-DEVICE_KEYS = MODEL_INPUTS + ("attention_mask",)
 
 
 class NonFiniteError(RuntimeError):
@@ -48,7 +42,7 @@ class Trainer:
     self.rows_per_step = cfg.train.per_device_batch_size * local_devices * self.accum
     self.is_main = jax.process_index() == 0
     self._build_pipeline()
-    self._build_model_and_optimizer()
+    self._build_program()
     self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), save_every=1,
                              keep=cfg.train.keep_checkpoints,
                              async_save=cfg.train.async_checkpointing)
@@ -69,43 +63,14 @@ class Trainer:
                        f"{self.rows_per_step} rows per process; lower train.per_device_batch_size "
                        "or grad_accum_steps, or set train.max_steps")
 
-  def _build_model_and_optimizer(self) -> None:
-    cfg = self.cfg
-    self.graphdef = nnx.split(abstract_model(cfg.model))[0]
-    abs_params = nnx.state(abstract_model(cfg.model), nnx.Param).to_pure_dict()
-    self.labels = opt.param_labels(abs_params, cfg.train)
-    self.trainable = opt.trainable_mask(self.labels, cfg.train)
-    self.optimizer = opt.make_optimizer(cfg.train, self.labels, self.total_steps)
-    self.pshard = st.param_shardings(cfg.model, self.mesh, self.rules)
-    dtypes = st.group_dtypes(self.labels, cfg)
-    abs_params = jax.tree.map(lambda a, d: jax.ShapeDtypeStruct(a.shape, d), abs_params, dtypes)
-    abs_opt = jax.eval_shape(self.optimizer.init, abs_params)
-    rep = replicated(self.mesh)
-    self.shardings = {"params": self.pshard,
-                      "opt_state": st.like_params_shardings(abs_opt, self.pshard, self.mesh),
-                      "step": rep, "rng": rep}
-    self.abstract_state = st.abstract_with_shardings(
-        {"params": abs_params, "opt_state": abs_opt,
-         "step": jax.ShapeDtypeStruct((), np.int32),
-         "rng": jax.ShapeDtypeStruct(st.new_rng(0).shape, np.uint32)}, self.shardings)
-    lr_fn = lambda step: opt.learning_rates(cfg.train, self.total_steps, step)
-    step = make_train_step(self.graphdef, self.optimizer, self.trainable,
-                           chunk=cfg.train.logits_chunk_size, lr_fn=lr_fn, mesh=self.mesh,
-                           rules=self.rules)
-    self.batch_shardings = st.batch_shardings(self.mesh, self.rules, dict.fromkeys(DEVICE_KEYS))
-    self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_shardings),
-                              out_shardings=(self.shardings, rep), donate_argnums=0)
+  def _build_program(self) -> None:
+    self.program = TrainProgram(self.cfg, self.mesh, self.total_steps)
+    for name in ("graphdef", "labels", "optimizer", "shardings", "abstract_state",
+                 "batch_shardings", "train_step"):
+      setattr(self, name, getattr(self.program, name))
 
   def fresh_state(self) -> dict:
-    cfg = self.cfg
-    params = st.init_params(cfg, self.labels, self.pshard, cfg.seed)
-    if cfg.train.init_from:
-      params, _ = st.copy_from_checkpoint(params, cfg.train.init_from, cfg.train.init_from_exclude,
-                                          self.mesh, self.rules)
-    opt_state = jax.jit(self.optimizer.init, out_shardings=self.shardings["opt_state"])(params)
-    rep = replicated(self.mesh)
-    return {"params": params, "opt_state": opt_state,
-            "step": jax.device_put(np.int32(0), rep), "rng": jax.device_put(st.new_rng(cfg.seed), rep)}
+    return self.program.fresh_state(self.cfg.seed)
 
   def init_or_restore(self) -> tuple[dict, Any]:
     """(state, data iterator): from the latest checkpoint in output_dir, else fresh."""
@@ -135,7 +100,7 @@ class Trainer:
       while step < self.total_steps and not self.stop_requested:
         local = next(it)
         self._record_order(step + 1, local)
-        state, metrics = self.train_step(state, st.global_batch(local, self.batch_shardings, self.accum))
+        state, metrics = self.train_step(state, self.program.global_batch(local))
         step += 1
         pending.append((step, metrics))
         if self.cfg.train.nonfinite == "stop":

@@ -10,6 +10,7 @@ of a real question, whose answers are dropped), as the collectives inside requir
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -120,20 +121,28 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
   # Every batch passes pixels when any question has an image, so that all processes (and
   # all batches) run the same program.
   with_pixels = settings.self_questioning or any(q.get("image") for q in questions)
-  blank = np.zeros((engine.image_size,) * 2 + (3,), np.float32) if settings.self_questioning else None
+  blank = None
+  if settings.self_questioning:
+    blank = np.zeros((engine.image_size, engine.image_size, 3), np.float32)
   records, skipped = [], []
   # Process 0 shows the whole run's progress: its own rows times the process count.
   bar = tqdm(total=len(shard) * process_count, unit="ex", desc="eval", smoothing=0.1,
              disable=not progress or process_index != 0)
-  for b in range(dp.num_batches(len(questions), process_count, local)):
-    items = shard[b * local:(b + 1) * local]
-    rows, pixels, active = _load_batch(items, local, images, skipped, blank)
-    answers = _answers(engine, [q for _, q in rows], pixels, settings, settings.seed + b,
-                       with_pixels)
-    for (index, _), recs, keep in zip(rows, answers, active):
-      if keep:
-        records += [{"index": index, **r} for r in recs]
-    bar.update(len(items) * process_count)
+  steps = dp.num_batches(len(questions), process_count, local)
+  load = lambda b: _load_batch(shard[b * local:(b + 1) * local], local, images, skipped, blank)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    # The next batch's images load while the device answers this one.
+    pending = pool.submit(load, 0)
+    for b in range(steps):
+      rows, pixels, active = pending.result()
+      if b + 1 < steps:
+        pending = pool.submit(load, b + 1)
+      answers = _answers(engine, [q for _, q in rows], pixels, settings, settings.seed + b,
+                         with_pixels)
+      for (index, _), recs, keep in zip(rows, answers, active):
+        if keep:
+          records += [{"index": index, **r} for r in recs]
+      bar.update(min(local, max(0, len(shard) - b * local)) * process_count)
   bar.close()
   return records, skipped
 

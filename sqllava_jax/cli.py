@@ -32,8 +32,8 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  """Parses a command line; only the chosen sub-command's module is imported."""
   parser = argparse.ArgumentParser(prog="sqllava-jax", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(_module=module)
     if name == chosen:
       importlib.import_module(module).add_arguments(p)
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     return int(importlib.import_module(args._module).run(args) or 0)
   except (ConfigError, FileNotFoundError) as e:

@@ -1,0 +1,140 @@
+"""Memory and cost of a config's real train step, compiled ahead of time on CPU devices.
+
+The step is `TrainProgram(...).train_step` lowered on abstract (shape-only) state and batch:
+nothing is allocated, so a 13B model plans on a laptop. XLA's memory analysis gives the
+per-device bytes; FLOPs come three ways (see `plan`).
+
+Accelerator-like compilation (`as_accelerator=True`, the default) undoes three things only
+the CPU backend does, each of which would otherwise dominate a bfloat16 plan:
+- the CPU computes bfloat16 in float32, and loop-invariant code motion then hoists whole-stack
+  widening converts out of the layer loops (float32 copies of every scanned weight and of the
+  saved activations); GPU and TPU compute bfloat16 natively, so the pass is switched off;
+- JAX lowers the threefry RNG (dropout masks) to a rolled loop on CPU, whose state XLA keeps
+  in memory for the whole mask; GPU and TPU get the unrolled form, which fuses;
+- attention runs query-blocked (`attention_impl: blocked`) as a stand-in for the fused kernel
+  an accelerator runs (cuDNN on GPU, a flash kernel on TPU): neither keeps the [T, T] scores.
+What remains CPU-specific is float32 temporaries between fusions where an accelerator keeps
+bfloat16, so a bfloat16 plan is an upper bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from typing import Iterator
+
+import jax
+
+from sqllava_jax.config import Config, replace
+from sqllava_jax.parallel.mesh import make_mesh
+from sqllava_jax.training import flops as fl
+from sqllava_jax.training import hlo_stats
+from sqllava_jax.training.optimizer import flat
+from sqllava_jax.training.program import TrainProgram
+
+NO_LICM = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# The plan never runs the program: skip LLVM's optimisation of the CPU code (half the compile
+# time; buffer assignment, and so the memory analysis, happens before it).
+NO_CODEGEN_OPT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@contextlib.contextmanager
+def unrolled_cpu_rng() -> Iterator[None]:
+  """Lowers threefry on CPU as GPU and TPU do (unrolled), restoring the CPU rule after.
+  Both lowerings compute the same bits; only the program's shape differs."""
+  from jax._src.interpreters import mlir
+  from jax._src.random import threefry2x32 as tf
+  mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
+  try:
+    yield
+  finally:
+    mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_cpu_lowering_rule, platform="cpu")
+
+
+def planning_config(cfg: Config, as_accelerator: bool) -> Config:
+  if as_accelerator and cfg.model.attention_impl != "blocked":
+    return replace(cfg, **{"model.attention_impl": "blocked"})
+  return cfg
+
+
+def adjustments(as_accelerator: bool, attention_impl: str) -> list[str]:
+  """What the plan compiled differently from a plain CPU compile of the config, in words."""
+  if not as_accelerator:
+    return ["none: exactly what the CPU compiles for this config"]
+  out = ["loop-invariant code motion off (the CPU's float32 copies of bfloat16 stacks)",
+         "threefry RNG lowered unrolled, as on GPU and TPU"]
+  if attention_impl != "blocked":
+    out.append(f"attention_impl blocked for {attention_impl}: stands in for a fused kernel "
+               "that keeps no [T, T] scores (cuDNN on GPU, flash on TPU)")
+  return out
+
+
+def compile_step(cfg: Config, devices: int, batch: int, seq_len: int, *, as_accelerator: bool,
+                 dump_dir: str | None = None):
+  """(program, compiled step, rows per step, seconds to lower and compile)."""
+  available = jax.devices()
+  if len(available) < devices:
+    raise ValueError(f"{devices} devices requested, {len(available)} available; start with "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
+  t0 = time.perf_counter()
+  mesh = make_mesh(cfg.mesh, available[:devices])
+  program = TrainProgram(cfg, mesh, total_steps=1000)
+  rows = batch * devices * cfg.train.grad_accum_steps
+  options = {**NO_CODEGEN_OPT, **(NO_LICM if as_accelerator else {})}
+  if dump_dir:
+    options.update(xla_dump_to=dump_dir, xla_dump_hlo_as_text=True)
+  rng = unrolled_cpu_rng() if as_accelerator else contextlib.nullcontext()
+  with rng:
+    lowered = program.train_step.lower(program.abstract_state, program.abstract_batch(rows, seq_len))
+  with no_compilation_cache():
+    compiled = lowered.compile(compiler_options=options)
+  return program, compiled, rows, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def no_compilation_cache() -> Iterator[None]:
+  """A cached executable would skip the compile, and with it XLA's dump of the peak."""
+  previous = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", previous)
+
+
+def memory(compiled) -> dict[str, int]:
+  """Per-device bytes from XLA's memory analysis. The outputs (new state) alias the donated
+  inputs, so the peak is arguments + temporaries + the outputs that are not aliased."""
+  m = compiled.memory_analysis()
+  out = {"argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+         "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+         "generated_code_bytes": m.generated_code_size_in_bytes}
+  out["peak_bytes"] = (out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
+                       - out["alias_bytes"])
+  return out
+
+
+def model_flops(program: TrainProgram, rows: int, seq_len: int) -> dict[str, fl.Flops]:
+  return fl.step_flops(program.cfg.model, flat(program.trainable), rows, seq_len)
+
+
+def plan(cfg: Config, *, devices: int, batch: int, seq_len: int, as_accelerator: bool = True,
+         top: int = 0) -> dict:
+  """Compiles the train step and returns memory, FLOPs and the biggest buffers at the peak."""
+  original, cfg = cfg.model.attention_impl, planning_config(cfg, as_accelerator)
+  with tempfile.TemporaryDirectory() as dump:
+    program, compiled, rows, seconds = compile_step(
+        cfg, devices, batch, seq_len, as_accelerator=as_accelerator,
+        dump_dir=dump if top else None)
+    text = compiled.as_text()
+    buffers = hlo_stats.peak_buffers(dump, text, top) if top else []
+  compiled_flops, notes = hlo_stats.matmul_flops(text)
+  parts = model_flops(program, rows, seq_len)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"config": cfg, "program": program, "rows": rows, "compile_s": seconds,
+          "adjustments": adjustments(as_accelerator, original),
+          "memory": memory(compiled), "model_flops": parts,
+          "compiled_matmul_flops": compiled_flops, "compiled_notes": notes,
+          "xla_cost_flops": float(cost.get("flops", 0.0)), "buffers": buffers}

@@ -93,10 +93,11 @@ def _prefill(llm: Llama, layers, embeds, mask, max_new_tokens: int):
 
 
 def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
-                 max_new_tokens: int, greedy: bool, eos_id: int, pad_id: int):
+                 max_new_tokens: int, greedy: bool, eos_id: jax.Array, pad_id: jax.Array):
   """Feeds each new token back until every row has produced `eos_id` or the budget is spent.
 
-  first, lengths: int32[B]. Returns (tokens int32[B, N], num_new int32[B]).
+  first, lengths: int32[B]; eos_id, pad_id: int32 scalars (traced: no recompile per
+  tokenizer). Returns (tokens int32[B, N], num_new int32[B]).
   """
   b = first.shape[0]
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -124,7 +125,7 @@ def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
 
 
 def _generate(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, params, *,
-              max_new_tokens: int, greedy: bool, eos_id: int, pad_id: int):
+              max_new_tokens: int, greedy: bool, eos_id: jax.Array, pad_id: jax.Array):
   _TRACES["count"] += 1  # runs only while tracing
   llm, embed = _parts(nnx.merge(graphdef, state))
   layers = None if layer_states is None else [nnx.merge(layer_def, s) for s in layer_states]
@@ -135,7 +136,7 @@ def _generate(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, 
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 2),
-                        static_argnames=("max_new_tokens", "greedy", "eos_id", "pad_id"))
+                        static_argnames=("max_new_tokens", "greedy"))
 
 
 class Generator:
@@ -203,8 +204,8 @@ class Generator:
     tokens, num_new = _generate_jit(
         self.graphdef, self.state, self.layer_def, self.layer_states, *inputs, key,
         sampling.arrays(),
-        max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=self.eos_id,
-        pad_id=self.pad_id)
+        max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=jnp.int32(self.eos_id),
+        pad_id=jnp.int32(self.pad_id))
     if self.mesh is not None:
       tokens, num_new = data_parallel.local_rows(tokens), data_parallel.local_rows(num_new)
     return Generated(np.asarray(tokens), np.asarray(num_new))

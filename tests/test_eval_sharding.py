@@ -36,7 +36,8 @@ def mesh_vs_one(ckpt: str, tokenizer: str) -> dict:
   image = [cfg.model.image_token_id] * cfg.model.num_image_tokens
   pixels = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
   out = {}
-  for name, sampling, extra in (("greedy", Sampling(), 0), ("sampled", Sampling(1.0, 50, 0.9), 70)):
+  cases = (("greedy", Sampling(), 0), ("sampled", Sampling(1.0, 50, 0.9), 70))
+  for name, sampling, extra in cases:
     prompts = [[1] + image + rng.integers(3, 400, size=50 + extra + 7 * i).tolist()
                for i in range(8)]
     for mesh in (None, dp.eval_mesh()):

@@ -36,16 +36,24 @@ def parse_args():
   return p.parse_args()
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-  """Bytes/s of a large numpy copy (each byte read once and written once), best of a few."""
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
+  """(bytes/s of a large numpy copy, each byte read and written once; bytes/s of a jitted
+  sum over the same array, each byte read once, on every core), best of a few runs."""
+  import jax  # pylint: disable=g-import-not-at-top
   src = np.ones(int(gib * 2**30) // 4, np.float32)
   dst = np.empty_like(src)
-  best = float("inf")
+  on_device = jax.device_put(src)
+  total = jax.jit(lambda a: a.sum())
+  total(on_device).block_until_ready()
+  copy = read = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
     np.copyto(dst, src)
-    best = min(best, time.perf_counter() - t)
-  return 2 * src.nbytes / best
+    copy = min(copy, time.perf_counter() - t)
+    t = time.perf_counter()
+    total(on_device).block_until_ready()
+    read = min(read, time.perf_counter() - t)
+  return 2 * src.nbytes / copy, src.nbytes / read
 
 
 def build_models(args, directory: str):
@@ -103,28 +111,33 @@ def hf_runner(hf, prompts):
 
 
 def measure(runners: dict, args) -> dict:
-  """{name: (median seconds for `--new` tokens, median prefill seconds)}, runs interleaved."""
+  """{name: (seconds for `--new` tokens, prefill seconds)} as lists over repeats; the
+  implementations alternate, so load from elsewhere hits both alike."""
   for run in runners.values():  # compile / warm up both lengths
     run(args.new), run(1)
-  full = {name: [] for name in runners}
-  prefill = {name: [] for name in runners}
+  times = {name: ([], []) for name in runners}
   for _ in range(args.repeats):
     for name, run in runners.items():
-      full[name].append(run(args.new))
-      prefill[name].append(run(1))
-  return {n: (statistics.median(full[n]), statistics.median(prefill[n])) for n in runners}
+      times[name][0].append(run(args.new))
+      times[name][1].append(run(1))
+  return times
 
 
-def report(batch: int, results: dict, args, bandwidth: float) -> None:
+def report(batch: int, times: dict, args, bandwidth: float) -> None:
+  """Medians (and the best run, less disturbed by other load)."""
   weights = weight_bytes_per_step(args)
-  for name, (total, prefill) in results.items():
-    step = (total - prefill) / (args.new - 1)
-    print(f"batch {batch:>2} {name:<12} {batch * args.new / total:8.1f} tok/s  "
-          f"{1e3 * step:6.1f} ms/step  weights {weights / step / 1e9:5.1f} GB/s "
-          f"({weights / step / bandwidth:.0%} of copy bandwidth)  prefill {1e3 * prefill:.0f} ms")
-  if "transformers" in results:
-    ratio = results["transformers"][0] / results["sqllava-jax"][0]
-    print(f"batch {batch:>2} ratio sqllava-jax / transformers: {ratio:.2f}x")
+  for name, (full, prefill) in times.items():
+    total, first = statistics.median(full), statistics.median(prefill)
+    step = (total - first) / (args.new - 1)
+    print(f"batch {batch:>2} {name:<12} {batch * args.new / total:7.1f} tok/s "
+          f"(best {batch * args.new / min(full):.1f})  {1e3 * step:6.1f} ms/step  weights "
+          f"{weights / step / 1e9:5.1f} GB/s ({weights / step / bandwidth:.0%} of measured "
+          f"bandwidth)  prefill {1e3 * first:.0f} ms")
+  if "transformers" in times:
+    ours, theirs = times["sqllava-jax"][0], times["transformers"][0]
+    print(f"batch {batch:>2} ratio sqllava-jax / transformers: "
+          f"{statistics.median(theirs) / statistics.median(ours):.2f}x (medians), "
+          f"{min(theirs) / min(ours):.2f}x (best runs)")
 
 
 def main() -> None:
@@ -132,9 +145,11 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "
         f"{jax.devices()[0].platform}")
-  bandwidth = memory_bandwidth()
-  print(f"memory bandwidth (numpy copy, read + write): {bandwidth / 1e9:.1f} GB/s; "
-        f"weights read per decode step: {weight_bytes_per_step(args) / 1e6:.0f} MB")
+  copy, read = memory_bandwidth()
+  bandwidth = max(copy, read)
+  print(f"memory bandwidth: numpy copy (read + write) {copy / 1e9:.1f} GB/s, jitted sum (read) "
+        f"{read / 1e9:.1f} GB/s; weights read per decode step: "
+        f"{weight_bytes_per_step(args) / 1e6:.0f} MB")
   with tempfile.TemporaryDirectory() as directory:
     hf, ours = build_models(args, directory)
   rng = np.random.default_rng(0)
@@ -144,6 +159,7 @@ def main() -> None:
     if not args.skip_hf:
       runners["transformers"] = hf_runner(hf, prompts)
     report(batch, measure(runners, args), args, bandwidth)
+    print(f"load average now {os.getloadavg()}", flush=True)
   print(f"load average after: {os.getloadavg()}")
 
 

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Callable, Mapping
 
 from sqllava_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
+from sqllava_jax.training.optimizer import flat
 
 Trains = Callable[[str], bool]
 
@@ -150,7 +151,9 @@ def llm_flops(cfg: LLMConfig, lora: LoRAConfig, rows: float, seq_len: int, train
 def step_flops(cfg: ModelConfig, trainable: Mapping[str, bool], rows: int,
                seq_len: int) -> dict[str, Flops]:
   """Model FLOPs of one optimizer step over `rows` sequences of `seq_len` tokens, one image
-  each, by component. `trainable`: flat parameter path ('llm/lm_head') -> trains."""
+  each, by component. `trainable`: parameter path -> trains, nested (`TrainProgram.trainable`)
+  or flat ('llm/lm_head'). MFU = total(...).total / (step seconds x devices x peak FLOP/s)."""
+  trainable = flat(trainable)
   trains = lambda path: bool(trainable.get(path, False))
   under = lambda *prefixes: any(v for k, v in trainable.items() if k.startswith(prefixes))
   out = vision_flops(cfg.vision, cfg.vit_lora, rows, trains, under("vision/layers/"))

@@ -30,7 +30,6 @@ from sqllava_jax.config import Config, replace
 from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.training import flops as fl
 from sqllava_jax.training import hlo_stats
-from sqllava_jax.training.optimizer import flat
 from sqllava_jax.training.program import TrainProgram
 
 NO_LICM = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
@@ -116,7 +115,7 @@ def memory(compiled) -> dict[str, int]:
 
 
 def model_flops(program: TrainProgram, rows: int, seq_len: int) -> dict[str, fl.Flops]:
-  return fl.step_flops(program.cfg.model, flat(program.trainable), rows, seq_len)
+  return fl.step_flops(program.cfg.model, program.trainable, rows, seq_len)
 
 
 def plan(cfg: Config, *, devices: int, batch: int, seq_len: int, as_accelerator: bool = True,

@@ -81,7 +81,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, trainable
     grads = {k: g.astype(train_params[k].dtype) for k, g in grads.items()}
     full = unflat({**grads, **{k: jnp.zeros_like(v) for k, v in frozen.items()}})
     updates, opt_state = optimizer.update(full, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    # Frozen parameters are passed through, not `p + 0`: adding their (zero) updates made XLA
+    # materialise a zero tensor the size of every frozen weight.
+    updates = flat(updates)
+    new_train = optax.apply_updates(train_params, {k: updates[k] for k in train_params})
+    params = unflat({**frozen, **new_train})
     metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.global_norm(grads),
                "trained_tokens": count, "tokens": jnp.sum(batch["attention_mask"]),
                "skipped_updates": skipped_updates(opt_state),

@@ -29,9 +29,9 @@ from sqllava_jax.models.lora import fold_rng, linear_factory
 @dataclasses.dataclass
 class KVCache:
   """Keys/values of every layer: k, v [layers, B, S, kv_heads, head_dim], or with
-  `per_layer=True` tuples of one [B, S, kv_heads, head_dim] array per layer (the layout of
-  `decode(..., layers=...)`); `valid` [B, S] marks slots holding real tokens; `index` is the
-  next slot to write (shared by all rows)."""
+  `per_layer=True` tuples of one heads-major [B, kv_heads, S, head_dim] array per layer (the
+  layout of `decode(..., layers=...)`); `valid` [B, S] marks slots holding real tokens;
+  `index` is the next slot to write (shared by all rows)."""
   k: jax.Array | tuple[jax.Array, ...]
   v: jax.Array | tuple[jax.Array, ...]
   valid: jax.Array
@@ -40,13 +40,13 @@ class KVCache:
   @classmethod
   def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.float32, *,
            per_layer: bool = False) -> "KVCache":
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
     if per_layer:
+      shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
       k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
       v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     else:
-      k = jnp.zeros((cfg.num_layers, *shape), dtype)
-      v = jnp.zeros((cfg.num_layers, *shape), dtype)
+      shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+      k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     return cls(k=k, v=v, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
   @property
@@ -249,10 +249,48 @@ def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs):
   ks, vs = [], []
   for i, layer in enumerate(layers):
     layer_rng = None if rngs is None else rngs[i]
-    x, (k, v) = layer(x, positions, mask, (cache.k[i], cache.v[i], cache.index), layer_rng)
+    x, k, v = _decode_layer(layer, x, positions, mask, cache.k[i], cache.v[i], cache.index,
+                            layer_rng)
     ks.append(k)
     vs.append(v)
   return x, tuple(ks), tuple(vs)
+
+
+def _decode_layer(layer: DecoderLayer, x, positions, mask, ck, cv, index, rng):
+  """`DecoderLayer.__call__` with a heads-major cache ck, cv [B, K, S, H]: the attention
+  products read keys and values where they lie. With the [B, S, K, H] layout XLA transposes
+  both whole caches in every layer at every step, which on a CPU costs more than the
+  layer's matmuls at batch 8. Returns (x [B, T, D], ck, cv)."""
+  attn, attn_rng = layer.self_attn, fold_rng(rng, 0)
+  h = layer.input_layernorm(x)
+  b, t, _ = h.shape
+  q = attn.q_proj(h, fold_rng(attn_rng, 0)).reshape(b, t, attn.num_heads, attn.head_dim)
+  k = attn.k_proj(h, fold_rng(attn_rng, 1)).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+  v = attn.v_proj(h, fold_rng(attn_rng, 2)).reshape(b, t, attn.num_kv_heads, attn.head_dim)
+  q, k = rotary(q, positions, attn.theta), rotary(k, positions, attn.theta)
+  ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), (0, 0, index, 0))
+  cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), (0, 0, index, 0))
+  out = heads_major_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+  x = x + attn.o_proj(out.reshape(b, t, -1), fold_rng(attn_rng, 3))
+  x = x + layer.mlp(layer.post_attention_layernorm(x), fold_rng(rng, 1))
+  return x, ck, cv
+
+
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """q: [B, T, N, H]; k, v: [B, K, S, H] (N % K == 0: query head n reads kv head n // (N/K),
+  as transformers' `repeat_kv`); mask: bool[B, 1, T, S] -> [B, T, N, H]. Scores and softmax
+  in float32."""
+  b, t, n, h = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  g = n // kh
+  q = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+  scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / h ** 0.5)
+  mask = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+  return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def hf_key_map(cfg: LLMConfig) -> list[KeySpec]:

@@ -28,6 +28,9 @@ class Completion:
 
 
 class Engine:
+  """Prompt texts and images in, completions out, for a composite model and its tokenizer;
+  `mesh` and `generator_kwargs` go to the `Generator`."""
+
   def __init__(self, model: SQLLaVA, tokenizer: Tokenizer, *, mesh=None, **generator_kwargs):
     if model.cfg.llm.vocab_size < tokenizer.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.train_helpers import CONFIG
+from tests.train_helpers import CONFIG, subprocess_env
 
 STEPS = 3
 
@@ -27,9 +27,7 @@ def cmd(out, data, *extra):
 
 
 def env(devices):
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return e
+  return subprocess_env(devices)
 
 
 def losses(out):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sqllava_jax.training.checkpoint import Checkpointer
-from tests.train_helpers import CONFIG
+from tests.train_helpers import CONFIG, subprocess_env
 
 STEPS, SAVE_EVERY = 24, 4
 
@@ -23,9 +23,7 @@ def train_cmd(out, data, *overrides):
 
 
 def env(devices=1):
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return e
+  return subprocess_env(devices)
 
 
 def wait_for_step(ckpt_dir, step, proc, timeout=600):

@@ -100,7 +100,8 @@ def test_gradients_reach_the_vit_lora_of_every_used_layer(tmp_path, data_dir):
   trainer = Trainer(tiny_cfg(tmp_path, data_dir), mesh=one_device())
   state = trainer.fresh_state()
   batch = first_batch(trainer)
-  grads = jax.grad(lambda p: forward_loss(trainer.graphdef, p, batch, None, 16)[0])(state["params"])
+  grads = jax.jit(jax.grad(lambda p: forward_loss(trainer.graphdef, p, batch, None, 16)[0]))(
+      state["params"])
   g = host_params(grads)
   used = trainer.cfg.model.vision.feature_layer_count
   assert used == 2 and trainer.cfg.model.vision.num_layers == 3
@@ -136,10 +137,10 @@ def test_freeze_vit_lora_reproduces_the_reference(tmp_path, data_dir):
 
 
 def test_accumulation_equals_one_big_batch(tmp_path, data_dir):
-  _, m1, p1 = run_steps(tmp_path / "a", data_dir, "train.max_steps=2",
-                        "train.per_device_batch_size=2", "train.grad_accum_steps=1")
-  _, m2, p2 = run_steps(tmp_path / "b", data_dir, "train.max_steps=2",
-                        "train.per_device_batch_size=1", "train.grad_accum_steps=2")
+  _, m1, p1 = run_steps(tmp_path / "a", data_dir, "train.per_device_batch_size=2",
+                        "train.grad_accum_steps=1")
+  _, m2, p2 = run_steps(tmp_path / "b", data_dir, "train.per_device_batch_size=1",
+                        "train.grad_accum_steps=2")
   for a, b in zip(m1, m2):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert a["trained_tokens"] == b["trained_tokens"]
@@ -184,15 +185,14 @@ MESHES = [(8, 1, 1), (2, 4, 1), (1, 4, 2), (1, 8, 1)]
 @pytest.fixture(scope="module")
 def single_device_run(tmp_path_factory, data_dir):
   out = tmp_path_factory.mktemp("single")
-  return run_steps(out, data_dir, "train.max_steps=3", "train.per_device_batch_size=8")
+  return run_steps(out, data_dir, "train.per_device_batch_size=8")
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_sharded_run_equals_single_device(tmp_path, data_dir, single_device_run, shape):
   data, fsdp, tensor = shape
   mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices=jax.devices()[:8])
-  trainer, m, params = run_steps(tmp_path, data_dir, "train.max_steps=3",
-                                 "train.per_device_batch_size=1", mesh=mesh)
+  trainer, m, params = run_steps(tmp_path, data_dir, "train.per_device_batch_size=1", mesh=mesh)
   _, m1, p1 = single_device_run
   assert [r["loss"] for r in m] == pytest.approx([r["loss"] for r in m1], abs=1e-5)
   for k, v in trainable(p1).items():
@@ -213,13 +213,11 @@ def test_sharded_run_equals_single_device(tmp_path, data_dir, single_device_run,
 
 def test_restore_onto_a_different_mesh(tmp_path, data_dir):
   eight = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1), devices=jax.devices()[:8])
-  _, _, saved = run_steps(tmp_path, data_dir, "train.max_steps=3",
-                          "train.per_device_batch_size=1", mesh=eight)
+  _, _, saved = run_steps(tmp_path, data_dir, "train.per_device_batch_size=1", mesh=eight)
   four = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), devices=jax.devices()[:4])
-  trainer = Trainer(tiny_cfg(tmp_path, data_dir, "train.max_steps=3",
-                             "train.per_device_batch_size=1"), mesh=four)
+  trainer = Trainer(tiny_cfg(tmp_path, data_dir, "train.per_device_batch_size=1"), mesh=four)
   state, _ = trainer.init_or_restore()
-  assert int(state["step"]) == 3
+  assert int(state["step"]) == trainer.total_steps == 4
   restored = host_params(state["params"])
   for k, v in saved.items():
     np.testing.assert_array_equal(restored[k], v, err_msg=k)

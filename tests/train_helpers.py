@@ -19,6 +19,14 @@ def tiny_cfg(output_dir, data_dir, *overrides):
                               "train.async_checkpointing=false", *overrides])
 
 
+def subprocess_env(devices: int) -> dict:
+  """The environment for a `sqllava-jax` subprocess on `devices` simulated CPU devices."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  return env
+
+
 def metrics(output_dir) -> list[dict]:
   with open(os.path.join(output_dir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]

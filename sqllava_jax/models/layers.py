@@ -170,6 +170,9 @@ def _blocked_attention(q, k, v, mask, *, is_causal: bool, block_size: int) -> ja
   else:
     mb = jnp.ones((nblocks, 1, 1, block_size, s), bool)
 
+  # Checkpointed: under autodiff `lax.map` would otherwise keep every block's probabilities
+  # for the backward pass, i.e. the whole score matrix this function exists to avoid.
+  @jax.checkpoint
   def one_block(args):
     i, q_i, m_i = args
     if is_causal:

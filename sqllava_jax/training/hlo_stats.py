@@ -118,7 +118,8 @@ def matmul_flops(hlo_text: str) -> tuple[float, list[str]]:
 
 
 def _live_at_peak(path: str) -> list[tuple[str, str, int]]:
-  """[(instruction, tuple index, bytes)] from XLA's '...-live-range.txt' 'Live ranges at N (peak)' list."""
+  """[(instruction, tuple index, bytes)]: the 'Live ranges at N (peak)' list of XLA's
+  '...-live-range.txt' dump."""
   out, inside = [], False
   with open(path) as f:
     for line in f:

@@ -88,8 +88,8 @@ def text(s: dict) -> str:
       f"plan: {s['config']} on {s['devices']} simulated CPU devices (mesh {mesh})",
       f"  per device: {s['batch_per_device']} rows x {s['seq_len']} tokens per micro-batch, "
       f"{s['grad_accum_steps']} micro-batches per step ({s['rows_per_step']} rows per step)",
-      f"  attention {s['attention_impl']}, remat {s['remat_policy']}, compute {s['compute_dtype']}; "
-      f"compiled in {s['compile_s']} s",
+      f"  attention {s['attention_impl']}, remat {s['remat_policy']}, "
+      f"compute {s['compute_dtype']}; compiled in {s['compile_s']} s",
       *[f"  compiled with: {a}" for a in s["compiled_as"]],
       "",
       "memory per device (XLA memory analysis)",

@@ -35,20 +35,26 @@ from sqllava_jax.training.program import TrainProgram
 NO_LICM = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 # The plan never runs the program: skip LLVM's optimisation of the CPU code (half the compile
 # time; buffer assignment, and so the memory analysis, happens before it).
-NO_CODEGEN_OPT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+NO_CODEGEN_OPT = {"xla_backend_optimization_level": 0,
+                  "xla_llvm_disable_expensive_passes": True}
 
 
 @contextlib.contextmanager
-def unrolled_cpu_rng() -> Iterator[None]:
-  """Lowers threefry on CPU as GPU and TPU do (unrolled), restoring the CPU rule after.
-  Both lowerings compute the same bits; only the program's shape differs."""
-  from jax._src.interpreters import mlir
-  from jax._src.random import threefry2x32 as tf
-  mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
+def unrolled_cpu_rng() -> Iterator[bool]:
+  """Lowers threefry on CPU as GPU and TPU do (unrolled), restoring the CPU rule after; yields
+  whether it could (the rules are JAX internals). Both lowerings compute the same bits."""
   try:
-    yield
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32 as tf
+    unrolled, rolled = tf._threefry2x32_lowering_rule, tf._threefry2x32_cpu_lowering_rule
+  except (ImportError, AttributeError):
+    yield False
+    return
+  mlir.register_lowering(tf.threefry2x32_p, unrolled, platform="cpu")
+  try:
+    yield True
   finally:
-    mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_cpu_lowering_rule, platform="cpu")
+    mlir.register_lowering(tf.threefry2x32_p, rolled, platform="cpu")
 
 
 def planning_config(cfg: Config, as_accelerator: bool) -> Config:
@@ -57,12 +63,13 @@ def planning_config(cfg: Config, as_accelerator: bool) -> Config:
   return cfg
 
 
-def adjustments(as_accelerator: bool, attention_impl: str) -> list[str]:
+def adjustments(as_accelerator: bool, attention_impl: str, rng_unrolled: bool) -> list[str]:
   """What the plan compiled differently from a plain CPU compile of the config, in words."""
   if not as_accelerator:
     return ["none: exactly what the CPU compiles for this config"]
   out = ["loop-invariant code motion off (the CPU's float32 copies of bfloat16 stacks)",
-         "threefry RNG lowered unrolled, as on GPU and TPU"]
+         "threefry RNG lowered unrolled, as on GPU and TPU" if rng_unrolled else
+         "threefry RNG as the CPU lowers it (this JAX has no unrolled rule to borrow)"]
   if attention_impl != "blocked":
     out.append(f"attention_impl blocked for {attention_impl}: stands in for a fused kernel "
                "that keeps no [T, T] scores (cuDNN on GPU, flash on TPU)")
@@ -71,7 +78,8 @@ def adjustments(as_accelerator: bool, attention_impl: str) -> list[str]:
 
 def compile_step(cfg: Config, devices: int, batch: int, seq_len: int, *, as_accelerator: bool,
                  dump_dir: str | None = None):
-  """(program, compiled step, rows per step, seconds to lower and compile)."""
+  """(program, compiled step, rows per step, seconds to lower and compile, whether the RNG
+  was lowered unrolled)."""
   available = jax.devices()
   if len(available) < devices:
     raise ValueError(f"{devices} devices requested, {len(available)} available; start with "
@@ -83,12 +91,13 @@ def compile_step(cfg: Config, devices: int, batch: int, seq_len: int, *, as_acce
   options = {**NO_CODEGEN_OPT, **(NO_LICM if as_accelerator else {})}
   if dump_dir:
     options.update(xla_dump_to=dump_dir, xla_dump_hlo_as_text=True)
-  rng = unrolled_cpu_rng() if as_accelerator else contextlib.nullcontext()
-  with rng:
-    lowered = program.train_step.lower(program.abstract_state, program.abstract_batch(rows, seq_len))
+  rng = unrolled_cpu_rng() if as_accelerator else contextlib.nullcontext(False)
+  with rng as rng_unrolled:
+    lowered = program.train_step.lower(program.abstract_state,
+                                       program.abstract_batch(rows, seq_len))
   with no_compilation_cache():
     compiled = lowered.compile(compiler_options=options)
-  return program, compiled, rows, time.perf_counter() - t0
+  return program, compiled, rows, time.perf_counter() - t0, rng_unrolled
 
 
 @contextlib.contextmanager
@@ -123,7 +132,7 @@ def plan(cfg: Config, *, devices: int, batch: int, seq_len: int, as_accelerator:
   """Compiles the train step and returns memory, FLOPs and the biggest buffers at the peak."""
   original, cfg = cfg.model.attention_impl, planning_config(cfg, as_accelerator)
   with tempfile.TemporaryDirectory() as dump:
-    program, compiled, rows, seconds = compile_step(
+    program, compiled, rows, seconds, rng_unrolled = compile_step(
         cfg, devices, batch, seq_len, as_accelerator=as_accelerator,
         dump_dir=dump if top else None)
     text = compiled.as_text()
@@ -133,7 +142,7 @@ def plan(cfg: Config, *, devices: int, batch: int, seq_len: int, as_accelerator:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"config": cfg, "program": program, "rows": rows, "compile_s": seconds,
-          "adjustments": adjustments(as_accelerator, original),
+          "adjustments": adjustments(as_accelerator, original, rng_unrolled),
           "memory": memory(compiled), "model_flops": parts,
           "compiled_matmul_flops": compiled_flops, "compiled_notes": notes,
           "xla_cost_flops": float(cost.get("flops", 0.0)), "buffers": buffers}

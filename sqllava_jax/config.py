@@ -15,7 +15,7 @@ from sqllava_jax.configlib import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
-AttentionImpl = Literal["xla", "cudnn", "auto", "blocked"]
+AttentionImpl = Literal["xla", "blocked", "cudnn", "splash", "auto"]
 
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VIT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -199,10 +199,12 @@ class ModelConfig:
   compute_dtype: DType = "float32"
   param_dtype: DType = "float32"
   remat_policy: RematPolicy = "none"
-  # `jax.nn.dot_product_attention` implementation: xla everywhere, cudnn is the fused GPU
-  # kernel, auto lets JAX pick; blocked is query-blocked XLA attention (less memory on CPU).
+  # Attention (models/attention.py): xla (dense reference), blocked (causal flash attention
+  # in XLA: no [T, T] scores kept, upper triangle skipped; the CPU's fastest), cudnn (GPU
+  # kernel), splash (TPU kernel), auto (cudnn on GPU, splash on TPU, blocked elsewhere).
   attention_impl: AttentionImpl = "xla"
-  attention_block_size: int = 512
+  # Query/key block of `blocked` (128 measured fastest on CPU at 1024 tokens).
+  attention_block_size: int = 128
   # Placeholder id written into `input_ids` at image positions (the reference's -200).
   image_token_id: int = -200
 
@@ -213,6 +215,8 @@ class ModelConfig:
     for name in self.llm_lora.targets:
       _check(name in LLM_LORA_TARGETS,
              f"model.llm_lora.targets: unknown {name!r}; choose from {', '.join(LLM_LORA_TARGETS)}")
+    _check(self.attention_block_size >= 1,
+           f"model.attention_block_size={self.attention_block_size} must be >= 1")
 
   @property
   def num_image_tokens(self) -> int:
@@ -272,6 +276,14 @@ class DataConfig:
   prefetch: int = 2
   # Drop a short last batch; keep it (padded with empty rows, example_index -1) for eval.
   drop_remainder: bool = True
+  # Pack several examples into each row of max_length tokens (first fit; segment ids 1, 2, ...
+  # and positions restarting per example) instead of one right-padded example per row.
+  packing: bool = False
+  # Image slots of a packed row (pixel_values [B, K, H, W, 3]); 0: as many as fit,
+  # max_length // image tokens. Examples that would exceed it start a new row.
+  max_images_per_row: int = 0
+  # Examples in a packed row at most (example_index is [B, E] when packing).
+  max_examples_per_row: int = 16
   # Fail on the first bad record instead of skipping and counting it.
   strict: bool = False
   max_image_pixels: int = 50_000_000
@@ -293,11 +305,21 @@ class DataConfig:
     _check(self.prefetch >= 1, f"data.prefetch={self.prefetch} must be >= 1")
     _check(self.max_image_pixels > 0,
            f"data.max_image_pixels={self.max_image_pixels} must be > 0")
+    _check(self.max_images_per_row >= 0,
+           f"data.max_images_per_row={self.max_images_per_row} must be >= 0 (0: as many as fit)")
+    _check(self.max_examples_per_row >= 1,
+           f"data.max_examples_per_row={self.max_examples_per_row} must be >= 1")
     if self.source == "synthetic":
       _check((self.synthetic.stage == 1) == (self.template == "plain"),
              f"data.synthetic.stage={self.synthetic.stage} needs template "
              f"{'plain' if self.synthetic.stage == 1 else 'vicuna_v1 or v1_sq'} "
              f"(data.template={self.template})")
+
+  def image_slots(self, num_image_tokens: int) -> int:
+    """Images per batch row: 1 unpacked; packed, `max_images_per_row` or as many as fit."""
+    if not self.packing:
+      return 1
+    return self.max_images_per_row or max(1, self.max_length // num_image_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from sqllava_jax.models.sqllava import abstract_model
 from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.config import MeshConfig
 from sqllava_jax.training import optimizer as opt
-from sqllava_jax.training.loss import IGNORE, chunked_cross_entropy
+from sqllava_jax.training.loss import IGNORE, chunked_cross_entropy, fused_cross_entropy
 from sqllava_jax.training.step import forward_loss
 from sqllava_jax.training.trainer import NonFiniteError, Trainer
 from tests.train_helpers import host_params, metrics, tiny_cfg, trainable
@@ -88,6 +88,28 @@ def test_chunked_cross_entropy_equals_the_full_computation():
                                          jnp.asarray(targets), chunk)
     assert float(count) == valid.sum()
     np.testing.assert_allclose(float(total), expected, rtol=1e-5, err_msg=f"chunk {chunk}")
+
+
+@pytest.mark.parametrize("kernel_grad", [True, False])
+def test_fused_cross_entropy_equals_the_chunked_one_with_gradients(kernel_grad):
+  """The loss that forms its gradient in the forward pass (no second vocabulary projection)
+  against the plain chunked loss under autodiff."""
+  rng = np.random.default_rng(1)
+  hidden = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+  targets = rng.integers(0, 50, size=(2, 13))
+  targets[0, :4] = IGNORE
+  targets = jnp.asarray(targets)
+  argnums = (0, 1) if kernel_grad else 0
+  for chunk in (1, 5, 13, 64):
+    plain = jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, targets, chunk)[0],
+                               argnums=argnums)(hidden, kernel)
+    fused = jax.value_and_grad(
+        lambda h, w: fused_cross_entropy(h, w, targets, chunk, kernel_grad)[0],
+        argnums=argnums)(hidden, kernel)
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6, err_msg=f"chunk {chunk}")
+    for got, want in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(plain[1])):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"chunk {chunk}")
 
 
 def first_batch(trainer):

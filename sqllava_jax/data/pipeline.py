@@ -1,7 +1,8 @@
 """The Grain input pipeline: record indices -> fixed-shape batches, checkpointable.
 
   range(N) -> seeded shuffle -> repeat(epochs) -> shard by process -> build example
-  (parse, relabel, tokenise, label, load image, truncate) -> batch + pad -> worker processes
+  (parse, relabel, tokenise, label, load image, truncate) -> [pack, `data.packing`]
+  -> batch + pad -> worker processes
 
 Bad records travel as `Skipped` markers to the batcher, which drops them and attaches them
 to the next batch; the iterator at the top counts them per reason in the main process
@@ -22,6 +23,7 @@ import grain
 import jax
 import numpy as np
 
+from sqllava_jax.data import packing
 from sqllava_jax.data.errors import SkipLog, Skipped
 from sqllava_jax.data.examples import BuildOrSkip, ExampleBuilder, batch_length, collate
 from sqllava_jax.data.sources import JsonSource, TfdsSource
@@ -34,13 +36,15 @@ MAX_SKIPS_IN_A_ROW = 10_000
 
 
 class _BatchIterator(grain.DatasetIterator):
-  """Collects `batch_size` examples, passing over `Skipped` markers (reported with the batch)."""
+  """Collects `batch_size` rows, passing over `Skipped` markers (reported with the batch).
+  A row is one example, or with `packed` one packed row carrying its own markers."""
 
   def __init__(self, parent, *, batch_size, drop_remainder, collate_kwargs, shared_memory):
     super().__init__(parent)
     self._batch_size = batch_size
     self._drop_remainder = drop_remainder
-    self._collate_kwargs = collate_kwargs
+    self._collate_kwargs = dict(collate_kwargs)
+    self._packed = self._collate_kwargs.pop("packed", None)
     # In a worker process the images go straight into shared memory: no copy on the way
     # to the training process.
     self._alloc = grain.multiprocessing.SharedMemoryArray if shared_memory else np.empty
@@ -63,6 +67,13 @@ class _BatchIterator(grain.DatasetIterator):
                            f"{element.message}")
       else:
         rows.append(element)
+    if self._packed is not None:
+      batch = packing.collate_packed(rows, batch_size=self._batch_size, alloc=self._alloc,
+                                     image_size=self._collate_kwargs["image_size"],
+                                     length=self._collate_kwargs["max_length"],
+                                     pad_id=self._collate_kwargs["pad_id"], **self._packed)
+      batch[SKIPPED_KEY] = skipped + packing.skipped_of(rows)
+      return batch
     longest = max((len(r["input_ids"]) for r in rows), default=1)
     length = batch_length(longest, self._collate_kwargs["buckets"],
                           self._collate_kwargs["max_length"])
@@ -109,7 +120,7 @@ class PipelineIterator(grain.DatasetIterator):
     batch = next(self._parent)
     for reason, message in batch.pop(SKIPPED_KEY):
       self._skips.add(reason, message)
-    self._examples += int(batch["attention_mask"][:, 0].sum())
+    self._examples += int((batch["example_index"] >= 0).sum())
     return batch
 
   @property
@@ -230,9 +241,16 @@ def make_pipeline(cfg, *, batch_size: int, num_image_tokens: Optional[int] = Non
   ds = ds.map(BuildOrSkip(builder, strict=data.strict))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads,
                                             prefetch_buffer_size=batch_size * data.prefetch))
+  image_size, pad_id = cfg.model.vision.image_size, builder.tokenizer.pad_id
+  packed = None
+  if data.packing:
+    packed = {"image_slots": data.image_slots(builder.num_image_tokens),
+              "max_examples": data.max_examples_per_row}
+    ds = packing.pack(ds, length=data.max_length, num_bins=batch_size, image_size=image_size,
+                      pad_id=pad_id, max_skips=MAX_SKIPS_IN_A_ROW, **packed)
   ds = BatchDataset(ds, batch_size=batch_size, drop_remainder=drop_remainder,
                     buckets=tuple(data.length_buckets), max_length=data.max_length,
-                    image_size=cfg.model.vision.image_size, pad_id=builder.tokenizer.pad_id)
+                    image_size=image_size, pad_id=pad_id, packed=packed)
   if num_workers > 0:
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,

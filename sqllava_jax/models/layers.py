@@ -1,5 +1,5 @@
 """Building blocks shared by the towers: parameters with logical axes, Linear (+LoRA), norms,
-embeddings, activations, attention and the scanned layer stack.
+embeddings, activations and the scanned layer stack (attention: `attention.py`).
 
 Small modules take plain numbers; only the top-level models read the config.
 Kernels are stored `[in, out]` (flax layout); the HF key maps transpose torch's `[out, in]`.
@@ -135,53 +135,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "silu": jax.nn.silu,
 }
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], *,
-              impl: str = "xla", is_causal: bool = False, block_size: int = 512) -> jax.Array:
-  """Multi-head (grouped-query) attention through `jax.nn.dot_product_attention`.
-
-  q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; mask: bool broadcastable to
-  [B, N, T, S] (True = attend) or None. `is_causal` adds the causal mask (T == S).
-  impl: `xla`, `cudnn` (fused GPU kernel), `auto` (JAX picks) or `blocked` (XLA attention
-  over query blocks of `block_size`: the scores never exist for the whole sequence at once).
-  """
-  if impl == "blocked":
-    return _blocked_attention(q, k, v, mask, is_causal=is_causal, block_size=block_size)
-  implementation = None if impl == "auto" else impl
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                      implementation=implementation)
-
-
-def _blocked_attention(q, k, v, mask, *, is_causal: bool, block_size: int) -> jax.Array:
-  b, t, n, h = q.shape
-  s = k.shape[1]
-  if t <= block_size or t % block_size:
-    full = mask
-    if is_causal:
-      causal = jnp.tril(jnp.ones((t, s), bool))[None, None]
-      full = causal if mask is None else jnp.logical_and(mask, causal)
-    return jax.nn.dot_product_attention(q, k, v, mask=full, implementation="xla")
-  nblocks = t // block_size
-  qb = q.reshape(b, nblocks, block_size, n, h).swapaxes(0, 1)
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, s))
-    mb = mask.reshape(b, mask.shape[1], nblocks, block_size, s).transpose(2, 0, 1, 3, 4)
-  else:
-    mb = jnp.ones((nblocks, 1, 1, block_size, s), bool)
-
-  # Checkpointed: under autodiff `lax.map` would otherwise keep every block's probabilities
-  # for the backward pass, i.e. the whole score matrix this function exists to avoid.
-  @jax.checkpoint
-  def one_block(args):
-    i, q_i, m_i = args
-    if is_causal:
-      rows = i * block_size + jnp.arange(block_size)
-      m_i = jnp.logical_and(m_i, rows[:, None] >= jnp.arange(s)[None, :])
-    return jax.nn.dot_product_attention(q_i, k, v, mask=m_i, implementation="xla")
-
-  out = jax.lax.map(one_block, (jnp.arange(nblocks), qb, mb))
-  return out.swapaxes(0, 1).reshape(b, t, n, h)
 
 
 REMAT_POLICIES: dict[str, Any] = {

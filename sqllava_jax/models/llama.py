@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from sqllava_jax.config import LLMConfig, LoRAConfig
 from sqllava_jax.convert.keymap import KeySpec, linear_specs, norm_specs, transpose
 from sqllava_jax.models import layers as L
+from sqllava_jax.models.attention import attention
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 
@@ -65,13 +66,6 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def training_mask(segment_ids: Optional[jax.Array]) -> Optional[jax.Array]:
-  """[B, 1, T, T] same-segment mask (causality is added by the attention call); None if no ids."""
-  if segment_ids is None:
-    return None
-  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-
-
 def cache_mask(valid: jax.Array, index: jax.Array, t: int) -> jax.Array:
   """[B, 1, T, S]: query i (slot index + i) sees valid slots up to and including its own."""
   s = valid.shape[1]
@@ -91,8 +85,9 @@ class Attention(nnx.Module):
     self.v_proj = make_linear("v_proj", d, nk, ("embed", "kv_heads"))
     self.o_proj = make_linear("o_proj", nh, d, ("heads", "embed"))
 
-  def __call__(self, x, positions, mask, cache_kv, rng):
-    """x: [B, T, D]; positions: int[B, T]; cache_kv: (k, v, valid, index) or None."""
+  def __call__(self, x, positions, masking, cache_kv, rng):
+    """x: [B, T, D]; positions: int[B, T]; masking: segment ids int[B, T] or None without a
+    cache, the cache mask [B, 1, T, S] with one; cache_kv: (k, v, index) or None."""
     b, t, _ = x.shape
     q = self.q_proj(x, fold_rng(rng, 0)).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x, fold_rng(rng, 1)).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -102,13 +97,13 @@ class Attention(nnx.Module):
     v = checkpoint_name(v, "value")
     new_kv = None
     if cache_kv is None:
-      out = L.attention(q, k, v, mask, impl=self.impl, is_causal=True, block_size=self.block_size)
+      out = attention(q, k, v, impl=self.impl, segment_ids=masking, is_causal=True,
+                      block_size=self.block_size)
     else:
       ck, cv, index = cache_kv
       ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-      impl = "xla" if self.impl == "blocked" else self.impl
-      out = L.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, impl=impl)
+      out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=self.impl, mask=masking)
       new_kv = (ck, cv)
     out = L.shard_activation(out, ("batch", "length", "heads", None))
     return self.o_proj(out.reshape(b, t, -1), fold_rng(rng, 3)), new_kv
@@ -139,8 +134,9 @@ class DecoderLayer(nnx.Module):
                                               param_dtype=param_dtype)
     self.mlp = MLP(cfg, make_linear=make)
 
-  def __call__(self, x, positions, mask, cache_kv, rng):
-    h, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, fold_rng(rng, 0))
+  def __call__(self, x, positions, masking, cache_kv, rng):
+    h, new_kv = self.self_attn(self.input_layernorm(x), positions, masking, cache_kv,
+                               fold_rng(rng, 0))
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x), fold_rng(rng, 1))
     return L.shard_activation(x, ("batch", "length", "embed")), new_kv
@@ -151,7 +147,7 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, remat_policy: str = "none", attention_impl: str = "xla",
-               attention_block_size: int = 512, rngs: nnx.Rngs):
+               attention_block_size: int = 128, rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
@@ -198,10 +194,9 @@ class Llama(nnx.Module):
     n = self.cfg.num_layers
     rngs = None if rng is None else jax.random.split(rng, n)
     if cache is None:
-      mask = training_mask(segment_ids)
 
       def body(layer, h, layer_rng):
-        h, _ = layer(h, positions, mask, None, layer_rng)
+        h, _ = layer(h, positions, segment_ids, None, layer_rng)
         return h, None
 
       x, _ = L.scan_layers(self.layers, body, x, rngs, remat_policy=self.remat_policy)

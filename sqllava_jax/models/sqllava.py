@@ -44,10 +44,12 @@ def merge_image_features(text_embeds: jax.Array, image_features: jax.Array,
 
 def check_image_placeholders(input_ids: np.ndarray, has_image: np.ndarray, num_image_tokens: int,
                              image_token_id: int) -> None:
-  """Host-side check that each row with an image holds exactly `num_image_tokens` placeholders
-  and rows without one hold none (inside jit a wrong count would silently misplace features)."""
+  """Host-side check that each row holds exactly `num_image_tokens` placeholders per image
+  (has_image: bool[B], or bool[B, K] for K image slots per row) and rows without one hold
+  none (inside jit a wrong count would silently misplace features)."""
   counts = (np.asarray(input_ids) == image_token_id).sum(axis=1)
-  expected = np.where(np.asarray(has_image), num_image_tokens, 0)
+  has_image = np.asarray(has_image)
+  expected = has_image.reshape(has_image.shape[0], -1).sum(axis=1) * num_image_tokens
   bad = np.nonzero(counts != expected)[0]
   if bad.size:
     i = int(bad[0])
@@ -78,13 +80,22 @@ class SQLLaVA(nnx.Module):
 
   def embed_inputs(self, input_ids: jax.Array, pixel_values: Optional[jax.Array],
                    rng: Optional[jax.Array] = None):
-    """int[B, T] (image positions = image_token_id) + images -> (embeddings [B, T, H], aux)."""
+    """int[B, T] (image positions = image_token_id) + images -> (embeddings [B, T, H], aux).
+
+    pixel_values: [B, H, W, C], one image per row, or [B, K, H, W, C], K image slots per row
+    (packed rows). A row's k-th image fills its k-th run of placeholders: the features of
+    its slots are concatenated [K * P, H] and scattered in order, so the same cumulative
+    index serves one image or several."""
     image_mask = input_ids == self.cfg.image_token_id
     text_ids = jnp.where(image_mask, self.cfg.llm.pad_token_id, input_ids)
     embeds = self.llm.embed(text_ids)
     if pixel_values is None:
       return embeds, {}
+    b = pixel_values.shape[0]
+    if pixel_values.ndim == 5:  # encode all slots as one batch of images
+      pixel_values = pixel_values.reshape(-1, *pixel_values.shape[2:])
     features, aux = self.encode_images(pixel_values, rng)
+    features = features.reshape(b, -1, features.shape[-1])  # [B, K * P, H]
     return merge_image_features(embeds, features, image_mask), aux
 
   def __call__(self, input_ids: jax.Array, pixel_values: Optional[jax.Array],

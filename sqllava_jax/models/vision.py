@@ -17,6 +17,7 @@ from sqllava_jax.config import LoRAConfig, VisionConfig
 from sqllava_jax.convert.keymap import (KeySpec, conv_to_hf, conv_to_ours, linear_specs,
                                         norm_specs)
 from sqllava_jax.models import layers as L
+from sqllava_jax.models.attention import attention
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 
@@ -36,8 +37,7 @@ class VisionAttention(nnx.Module):
     q = heads(self.q_proj(x, fold_rng(rng, 0)))
     k = heads(self.k_proj(x, fold_rng(rng, 1)))
     v = heads(self.v_proj(x, fold_rng(rng, 2)))
-    impl = "xla" if self.impl == "blocked" else self.impl
-    out = L.attention(q, k, v, None, impl=impl)
+    out = attention(q, k, v, impl=self.impl)
     return self.out_proj(out.reshape(b, p, d), fold_rng(rng, 3))
 
 

@@ -1,23 +1,39 @@
 """Next-token cross-entropy without materialising [B, T, V] float32 logits.
 
-The vocabulary projection runs over chunks of the sequence under `jax.checkpoint`, so the
-forward keeps one chunk of logits at a time and the backward recomputes them per chunk.
-Losses are returned as a sum with the count of trained tokens; callers normalise over the
-global batch and every accumulation step.
+The vocabulary projection runs over chunks of the sequence, so one chunk of logits exists at
+a time. `chunked_cross_entropy` is the plain form (its backward recomputes each chunk's
+logits under `jax.checkpoint`); `fused_cross_entropy` computes the same value and, when
+differentiated, forms each chunk's gradient (softmax - one-hot) while its logits are at
+hand: no second vocabulary projection, and no [D, V] weight gradient unless the output
+kernel trains. Losses are returned as a sum with the count of trained tokens; callers
+normalise over the global batch and every accumulation step.
 """
 
 from __future__ import annotations
 
+import functools
+
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IGNORE = -100
 
 
-def shift_targets(labels: jax.Array) -> jax.Array:
-  """HF-style labels [B, T] -> targets [B, T]: hidden state t predicts labels[t + 1]."""
+def shift_targets(labels: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """HF-style labels [B, T] -> targets [B, T]: hidden state t predicts labels[t + 1].
+
+  With segment ids (packed rows), the last token of an example predicts nothing: the next
+  position starts another example."""
   pad = jnp.full(labels.shape[:1] + (1,), IGNORE, labels.dtype)
-  return jnp.concatenate([labels[:, 1:], pad], axis=1)
+  targets = jnp.concatenate([labels[:, 1:], pad], axis=1)
+  if segment_ids is None:
+    return targets
+  same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
+                          jnp.zeros(labels.shape[:1] + (1,), bool)], axis=1)
+  return jnp.where(same, targets, IGNORE)
 
 
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
@@ -53,3 +69,70 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
   zero = jnp.zeros((), jnp.float32)
   (total, count), _ = jax.lax.scan(body, (zero, zero), (hs, ts))
   return total, count
+
+
+def _chunks(hidden, targets, chunk):
+  """[B, T, D], [B, T] -> [n, B, C, D], [n, B, C] (padded with ignored positions)."""
+  b, t, d = hidden.shape
+  chunk = min(chunk, t)
+  pad = (-t) % chunk
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+  n = (t + pad) // chunk
+  return hidden.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+
+def _loss_and_grads(hidden, kernel, targets, chunk, kernel_grad):
+  """(sum, count) and their gradient w.r.t. `hidden` [B, T, D] (and `kernel`, if asked)."""
+  b, t, d = hidden.shape
+  hs, ts = _chunks(hidden, targets, chunk)
+  w = kernel.astype(hidden.dtype)
+
+  def body(carry, xs):
+    total, count, d_kernel = carry
+    h, tgt = xs
+    logits = (h @ w).astype(jnp.float32)  # [B, C, V]
+    valid = tgt != IGNORE
+    safe = jnp.where(valid, tgt, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)
+    total = total + jnp.sum(jnp.where(valid, (lse - picked)[..., 0], 0.0))
+    onehot = jax.nn.one_hot(safe, logits.shape[-1], dtype=jnp.float32)
+    d_logits = ((jnp.exp(logits - lse) - onehot) * valid[..., None]).astype(h.dtype)
+    d_h = d_logits @ w.T
+    if kernel_grad:
+      d_kernel = d_kernel + jnp.einsum("bcd,bcv->dv", h, d_logits,
+                                       preferred_element_type=jnp.float32)
+    return (total, count + jnp.sum(valid).astype(jnp.float32), d_kernel), d_h
+
+  zero = jnp.zeros((), jnp.float32)
+  d_kernel = jnp.zeros(kernel.shape, jnp.float32) if kernel_grad else zero
+  (total, count, d_kernel), d_hs = jax.lax.scan(body, (zero, zero, d_kernel), (hs, ts))
+  d_hidden = d_hs.swapaxes(0, 1).reshape(b, -1, d)[:, :t]
+  return (total, count), (d_hidden, d_kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int,
+                        kernel_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+  """`chunked_cross_entropy` with the gradient formed in the forward pass (see the module
+  docstring). kernel_grad=False: the kernel is frozen, its gradient is reported as zeros and
+  never computed."""
+  return chunked_cross_entropy(hidden, kernel, targets, chunk)
+
+
+def _fused_fwd(hidden, kernel, targets, chunk, kernel_grad):
+  out, grads = _loss_and_grads(hidden, kernel, targets, chunk, kernel_grad)
+  return out, (grads, targets)
+
+
+def _fused_bwd(chunk, kernel_grad, residuals, cotangents):
+  (d_hidden, d_kernel), targets = residuals
+  g = cotangents[0]  # the count does not depend on the inputs
+  d_kernel = (g * d_kernel).astype(d_kernel.dtype) if kernel_grad else None
+  return ((g * d_hidden).astype(d_hidden.dtype), d_kernel,
+          np.zeros(targets.shape, jax.dtypes.float0))
+
+
+fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)

@@ -47,7 +47,7 @@ class TrainProgram:
     lr_fn = lambda step: opt.learning_rates(cfg.train, total_steps, step)
     step = make_train_step(self.graphdef, self.optimizer, self.trainable,
                            chunk=cfg.train.logits_chunk_size, lr_fn=lr_fn, mesh=mesh,
-                           rules=self.rules)
+                           rules=self.rules, packed=cfg.data.packing)
     self.batch_shardings = st.batch_shardings(mesh, self.rules, dict.fromkeys(DEVICE_KEYS))
     self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_shardings),
                               out_shardings=(self.shardings, rep), donate_argnums=0)
@@ -57,7 +57,9 @@ class TrainProgram:
     accum = self.cfg.train.grad_accum_steps
     b, size = rows_per_step // accum, self.cfg.model.vision.image_size
     shapes = {k: ((accum, b, seq_len), np.int32) for k in DEVICE_KEYS}
-    shapes["pixel_values"] = ((accum, b, size, size, 3), np.float32)
+    slots = self.cfg.data.image_slots(self.cfg.model.num_image_tokens)
+    per_row = (slots,) if self.cfg.data.packing else ()
+    shapes["pixel_values"] = ((accum, b, *per_row, size, size, 3), np.float32)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k])
             for k, (s, d) in shapes.items()}
 

@@ -21,20 +21,32 @@ import optax
 from flax import nnx
 
 from sqllava_jax.parallel.logical import Rules, axis_rules
-from sqllava_jax.training.loss import IGNORE, chunked_cross_entropy, shift_targets
+from sqllava_jax.training.loss import IGNORE, fused_cross_entropy, shift_targets
 from sqllava_jax.training.optimizer import flat, skipped_updates, unflat
 
 MODEL_INPUTS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values")
 
 
 def forward_loss(graphdef, params: Mapping, batch: Mapping[str, jax.Array],
-                 rng: Optional[jax.Array], chunk: int) -> tuple[jax.Array, jax.Array]:
-  """(sum of token losses, trained tokens) of one micro-batch [B, ...]."""
+                 rng: Optional[jax.Array], chunk: int, *, packed: bool = True,
+                 head_trains: bool = True) -> tuple[jax.Array, jax.Array]:
+  """(sum of token losses, trained tokens) of one micro-batch [B, ...].
+
+  packed: rows may hold several examples, so attention and targets follow `segment_ids`.
+  Unpacked rows are one example then right padding, where causal attention alone gives the
+  same result for every real token: no segment mask is built. head_trains: the output
+  kernel receives a gradient (else the loss never forms its [D, V] weight gradient)."""
   model = nnx.merge(graphdef, params)
+  segment_ids = batch["segment_ids"] if packed else None
   hidden, _ = model(batch["input_ids"], batch["pixel_values"], batch["positions"],
-                    segment_ids=batch["segment_ids"], rng=rng)
-  targets = shift_targets(batch["labels"])
-  return chunked_cross_entropy(hidden, model.llm.output_kernel(), targets, chunk)
+                    segment_ids=segment_ids, rng=rng)
+  targets = shift_targets(batch["labels"], segment_ids)
+  return fused_cross_entropy(hidden, model.llm.output_kernel(), targets, chunk, head_trains)
+
+
+def head_trains(trainable: Mapping[str, bool]) -> bool:
+  """Whether the vocabulary projection (lm_head, or the tied embedding) trains."""
+  return any(trainable.get(k, False) for k in ("llm/lm_head", "llm/embed_tokens/embedding"))
 
 
 def _split(params: Mapping, trainable: Mapping[str, bool]) -> tuple[dict, dict]:
@@ -46,9 +58,11 @@ def _split(params: Mapping, trainable: Mapping[str, bool]) -> tuple[dict, dict]:
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, trainable: Mapping,
                     *, chunk: int, lr_fn: Callable[[Any], Mapping[str, Any]],
-                    mesh=None, rules: Rules = ()) -> Callable:
-  """`step(state, batch) -> (state, metrics)`; wrap with `jax.jit` (see `jit_train_step`)."""
+                    mesh=None, rules: Rules = (), packed: bool = True) -> Callable:
+  """`step(state, batch) -> (state, metrics)`; wrap with `jax.jit` (see `jit_train_step`).
+  packed: batches come from a packing pipeline (see `forward_loss`)."""
   trainable = flat(trainable)
+  loss_kwargs = dict(packed=packed, head_trains=head_trains(trainable))
 
   def step(state, batch):
     ctx = axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
@@ -58,10 +72,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, trainable
   def _train_step(state, batch):
     train_params, frozen = _split(state["params"], trainable)
     base_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    denom = jnp.maximum(jnp.sum(shift_targets_all(batch["labels"]) != IGNORE), 1).astype(jnp.float32)
+    targets = shift_targets_all(batch["labels"], batch["segment_ids"] if packed else None)
+    denom = jnp.maximum(jnp.sum(targets != IGNORE), 1).astype(jnp.float32)
 
     def micro_loss(tp, micro, rng):
-      s, c = forward_loss(graphdef, unflat({**tp, **frozen}), micro, rng, chunk)
+      s, c = forward_loss(graphdef, unflat({**tp, **frozen}), micro, rng, chunk, **loss_kwargs)
       return s / denom, (s, c)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -97,17 +112,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, trainable
   return step
 
 
-def shift_targets_all(labels: jax.Array) -> jax.Array:
+def shift_targets_all(labels: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
   """shift_targets over [A, B, T] micro-batches."""
-  return jax.vmap(shift_targets)(labels)
+  if segment_ids is None:
+    return jax.vmap(shift_targets)(labels)
+  return jax.vmap(shift_targets)(labels, segment_ids)
 
 
-def make_eval_step(graphdef, *, chunk: int, mesh=None, rules: Rules = ()) -> Callable:
+def make_eval_step(graphdef, *, chunk: int, mesh=None, rules: Rules = (),
+                   packed: bool = True) -> Callable:
   """`eval_step(params, batch [B, ...]) -> {'loss_sum', 'tokens'}` (teacher forced, no dropout)."""
 
   def eval_step(params, batch):
     with (axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()):
-      s, c = forward_loss(graphdef, params, batch, None, chunk)
+      s, c = forward_loss(graphdef, params, batch, None, chunk, packed=packed)
     return {"loss_sum": s, "tokens": c}
 
   return eval_step

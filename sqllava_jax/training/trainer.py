@@ -52,6 +52,9 @@ class Trainer:
   def _build_pipeline(self) -> None:
     from sqllava_jax.data.pipeline import make_pipeline
     forever = self.cfg.train.max_steps > 0
+    if self.cfg.data.packing and not forever:
+      raise ValueError("data.packing needs train.max_steps > 0: how many packed rows an epoch "
+                       "makes is known only after packing it")
     self.pipeline = make_pipeline(self.cfg, batch_size=self.rows_per_step,
                                   num_epochs=0 if forever else None)
     if forever:

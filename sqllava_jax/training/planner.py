@@ -102,13 +102,17 @@ def compile_step(cfg: Config, devices: int, batch: int, seq_len: int, *, as_acce
 
 @contextlib.contextmanager
 def no_compilation_cache() -> Iterator[None]:
-  """A cached executable would skip the compile, and with it XLA's dump of the peak."""
+  """A cached executable would skip the compile, and with it XLA's dump of the peak. JAX
+  decides once per process whether the cache is in use: reset that decision both ways."""
+  from jax.experimental.compilation_cache import compilation_cache
   previous = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", previous)
+    compilation_cache.reset_cache()
 
 
 def memory(compiled) -> dict[str, int]:

@@ -355,7 +355,9 @@ class MeshConfig:
       ("heads", ("tensor",)),
       ("kv_heads", ("tensor",)),
       ("head_dim", ()),
-      ("lora", ()),
+      # The LoRA rank axis shards over fsdp, so lora_b [r, out] is not replicated on every
+      # device (lora_a [in, r] shards `in` over fsdp first and keeps r whole).
+      ("lora", ("fsdp",)),
       ("layers", ()),
       ("vision_embed", ("fsdp",)),
       ("vision_mlp", ("tensor",)),

@@ -224,10 +224,12 @@ def test_sharded_run_equals_single_device(tmp_path, data_dir, single_device_run,
   q = p["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]    # [layers, embed, heads]
   emb = p["llm"]["embed_tokens"]["embedding"]                  # [vocab, embed]
   up = p["llm"]["layers"]["mlp"]["up_proj"]["lora_b"]          # [layers, lora, mlp]
+  assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // fsdp,
+                                                 up.shape[2] // tensor)
   P = jax.sharding.PartitionSpec
   assert q.sharding.spec == P(None, "fsdp", "tensor")
   assert emb.sharding.spec == P("tensor", "fsdp")
-  assert up.sharding.spec == P(None, None, "tensor")
+  assert up.sharding.spec == P(None, "fsdp", "tensor")
   assert emb.addressable_shards[0].data.shape == (emb.shape[0] // tensor, emb.shape[1] // fsdp)
   shard_shape = q.addressable_shards[0].data.shape
   assert shard_shape == (q.shape[0], q.shape[1] // fsdp, q.shape[2] // tensor)

@@ -89,7 +89,7 @@ def compile_fast(enabled: bool):
     yield
     return
   import jax
-  before = jax.config.jax_disable_most_optimizations
+  before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   try:
     yield

@@ -100,6 +100,19 @@ def test_blocked_keeps_no_score_matrix():
   assert max(sizes) <= 512 * 2 * 8, sizes
 
 
+def test_blocked_gradient_holds_one_tile_of_scores_at_a_time():
+  """Compiled, the backward's temporaries stay far below one [T, T] score matrix: the tiles
+  run one after another (an unrolled loop lets XLA keep all blocks' scores alive at once)."""
+  b, t, n, h = 1, 2048, 4, 32
+  x = jax.ShapeDtypeStruct((b, t, n, h), jnp.float32)
+  loss = lambda q, k, v: jnp.sum(A.attention(q, k, v, impl="blocked", is_causal=True,
+                                             block_size=128))
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+  scores = b * n * t * t * 4
+  inputs = 3 * b * t * n * h * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < 4 * inputs + scores // 8
+
+
 @pytest.mark.parametrize("impl", ["blocked", "auto"])
 def test_llama_with_blocked_attention_equals_xla(impl):
   cfg = LLMConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,

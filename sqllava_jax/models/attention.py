@@ -104,41 +104,61 @@ def combine_masks(mask: Optional[jax.Array],
 
 
 # --- blocked: causal flash attention in plain XLA -------------------------------------------
+#
+# Two nested loops over [block x block] tiles, each tile computed when its turn comes: the
+# forward walks query blocks and, inside, the key blocks at or before each (online softmax);
+# the backward walks key blocks and, inside, the query blocks at or after each (FlashAttention-2).
+# Real loops, not unrolled Python: an unrolled loop's blocks are independent, and XLA would
+# schedule them side by side with all their scores alive at once.
 
-def _blocks(t: int, block: int) -> list[tuple[int, int]]:
-  """Query blocks (start, end) covering 0..t; the last one may be shorter."""
-  return [(s, min(s + block, t)) for s in range(0, t, block)]
+_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def _block_mask(start: int, end: int, segment_ids: Optional[jax.Array]) -> jax.Array:
-  """bool [B|1, 1, 1, Q, end]: causal (a static pattern) and, with ids, same segment."""
-  causal = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
-  mask = jnp.asarray(causal)[None, None, None]
+def _tile(x: jax.Array, i, block: int, axis: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
+
+
+def _tile_scores(q_i, k_j, i, j, block: int, segment_ids: Optional[jax.Array]) -> jax.Array:
+  """[B, K, G, block, block] float32 masked logits of query tile i against key tile j."""
+  s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=jnp.float32)
+  rows, cols = i * block + jnp.arange(block), j * block + jnp.arange(block)
+  mask = (rows[:, None] >= cols[None, :])[None, None, None]
   if segment_ids is not None:
-    same = segment_ids[:, start:end, None] == segment_ids[:, None, :end]
+    same = _tile(segment_ids, i, block, 1)[:, :, None] == _tile(segment_ids, j, block, 1)[:, None]
     mask = jnp.logical_and(mask, same[:, None, None])
-  return mask
-
-
-def _scores(q_blk, k, start, end, segment_ids):
-  """[B, K, G, Q, end] float32 masked logits of one query block (q already scaled)."""
-  s = jnp.einsum("bkgqh,bksh->bkgqs", q_blk, k[:, :, :end], preferred_element_type=jnp.float32)
-  return jnp.where(_block_mask(start, end, segment_ids), s, jnp.finfo(jnp.float32).min)
+  return jnp.where(mask, s, _MASKED)
 
 
 def _flash_forward(q, k, v, segment_ids, block):
-  """q: [B, K, G, T, H] (scaled); k, v: [B, K, S, H] -> (out like q, lse float32[B, K, G, T])."""
-  outs, lses = [], []
-  for start, end in _blocks(q.shape[3], block):
-    s = _scores(q[:, :, :, start:end], k, start, end, segment_ids)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    o = jnp.einsum("bkgqs,bksh->bkgqh", e.astype(v.dtype), v[:, :, :end],
-                   preferred_element_type=jnp.float32) / denom
-    outs.append(o.astype(q.dtype))
-    lses.append((m + jnp.log(denom))[..., 0])
-  return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+  """q: [B, K, G, T, H] (scaled); k, v: [B, K, T, H]; T a multiple of `block`
+  -> (out like q, log-sum-exp float32[B, K, G, T])."""
+  tiles = q.shape[3] // block
+  stats = q.shape[:3] + (block,)
+
+  def query_block(i, carry):
+    out, lse = carry
+    q_i = _tile(q, i, block, 3)
+
+    def key_block(j, acc):
+      m, l, o = acc
+      s = _tile_scores(q_i, _tile(k, j, block, 2), i, j, block, segment_ids)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      p = jnp.exp(s - m_new[..., None])
+      scale = jnp.exp(m - m_new)
+      o = o * scale[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype),
+                                            _tile(v, j, block, 2),
+                                            preferred_element_type=jnp.float32)
+      return m_new, l * scale + jnp.sum(p, axis=-1), o
+
+    init = (jnp.full(stats, _MASKED, jnp.float32), jnp.zeros(stats, jnp.float32),
+            jnp.zeros(q_i.shape, jnp.float32))
+    m, l, o = jax.lax.fori_loop(0, i + 1, key_block, init)
+    out = jax.lax.dynamic_update_slice_in_dim(out, (o / l[..., None]).astype(q.dtype),
+                                              i * block, axis=3)
+    return out, jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), i * block, axis=3)
+
+  init = (jnp.zeros_like(q), jnp.zeros(q.shape[:4], jnp.float32))
+  return jax.lax.fori_loop(0, tiles, query_block, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -152,24 +172,38 @@ def _flash_fwd(q, k, v, segment_ids, block):
 
 
 def _flash_bwd(block, residuals, d_out):
-  """Recomputes each block's probabilities from the saved log-sum-exp (FlashAttention-2)."""
+  """Recomputes each tile's probabilities from the saved log-sum-exp (FlashAttention-2)."""
   q, k, v, segment_ids, out, lse = residuals
+  tiles = q.shape[3] // block
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G, T]
-  dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for start, end in _blocks(q.shape[3], block):
-    rows = slice(start, end)
-    s = _scores(q[:, :, :, rows], k, start, end, segment_ids)
-    p = jnp.exp(s - lse[..., rows, None])
-    do = d_out[:, :, :, rows]
-    dv = dv.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqh->bksh", p.astype(do.dtype), do,
-                                          preferred_element_type=jnp.float32))
-    dp = jnp.einsum("bkgqh,bksh->bkgqs", do, v[:, :, :end], preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta[..., rows, None])).astype(q.dtype)
-    dq.append(jnp.einsum("bkgqs,bksh->bkgqh", ds, k[:, :, :end]))
-    dk = dk.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqh->bksh", ds, q[:, :, :, rows],
-                                          preferred_element_type=jnp.float32))
+
+  def key_block(j, carry):
+    dq, dk, dv = carry
+    k_j, v_j = _tile(k, j, block, 2), _tile(v, j, block, 2)
+
+    def query_block(i, acc):
+      dq, dk_j, dv_j = acc
+      q_i, do_i = _tile(q, i, block, 3), _tile(d_out, i, block, 3)
+      s = _tile_scores(q_i, k_j, i, j, block, segment_ids)
+      p = jnp.exp(s - _tile(lse, i, block, 3)[..., None])
+      dv_j = dv_j + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(do_i.dtype), do_i,
+                               preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
+      ds = (p * (dp - _tile(delta, i, block, 3)[..., None])).astype(q.dtype)
+      dk_j = dk_j + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=jnp.float32)
+      dq_i = _tile(dq, i, block, 3) + jnp.einsum("bkgqs,bksh->bkgqh", ds, k_j,
+                                                 preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * block, axis=3), dk_j, dv_j
+
+    init = (dq, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
+    dq, dk_j, dv_j = jax.lax.fori_loop(j, tiles, query_block, init)
+    dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * block, axis=2)
+    return dq, dk, jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * block, axis=2)
+
+  init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+  dq, dk, dv = jax.lax.fori_loop(0, tiles, key_block, init)
   seg_ct = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
-  return jnp.concatenate(dq, axis=3), dk.astype(k.dtype), dv.astype(v.dtype), seg_ct
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), seg_ct
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -183,10 +217,17 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   matmuls, which the CPU runs markedly faster than the token-major einsums."""
   b, t, n, h = q.shape
   kh = k.shape[2]
-  qh = (q * jnp.asarray(h ** -0.5, q.dtype)).reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+  block = max(1, min(block_size, t))
+  padded = -(-t // block) * block  # whole tiles; padded keys lie after every real query
+  pad = lambda x, value=0: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2),
+                                   constant_values=value)
+  q, k, v = pad(q), pad(k), pad(v)
+  if segment_ids is not None:
+    segment_ids = pad(segment_ids, -1)
+  qh = (q * jnp.asarray(h ** -0.5, q.dtype)).reshape(b, padded, kh, n // kh, h)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  out = _flash(qh, kt, vt, segment_ids, max(1, min(block_size, t)))
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  out = _flash(qh.transpose(0, 2, 3, 1, 4), kt, vt, segment_ids, block)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, padded, n, h)[:, :t]
 
 
 # --- splash: the Pallas TPU kernel ----------------------------------------------------------

@@ -34,6 +34,22 @@ def param(value: jax.Array, axes: Sequence[Optional[str]]) -> nnx.Param:
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def unrolled_threefry_on_cpu() -> bool:
+  """Lowers JAX's threefry RNG on CPU unrolled, as GPU and TPU do, for programs lowered from
+  now on. The CPU default is a rolled loop that XLA runs as whole-array passes (and whose
+  state it keeps in memory for the whole mask); unrolled, the rounds fuse into one vectorised
+  loop: the same algorithm and the same bits, and the dropout masks of a train step about 20x
+  faster on CPU. Returns False where this JAX version lacks the rule (the rules are JAX
+  internals; nothing changes then, only speed)."""
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+    from jax._src.random import threefry2x32 as tf  # pylint: disable=g-import-not-at-top
+    mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
+  except (ImportError, AttributeError):
+    return False
+  return True
+
+
 def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
   """Inverted dropout; identity when `rng` is None (evaluation) or `rate` is 0."""
   if rng is None or rate == 0.0:

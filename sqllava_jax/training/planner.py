@@ -4,15 +4,15 @@ The step is `TrainProgram(...).train_step` lowered on abstract (shape-only) stat
 nothing is allocated, so a 13B model plans on a laptop. XLA's memory analysis gives the
 per-device bytes; FLOPs come three ways (see `plan`).
 
-Accelerator-like compilation (`as_accelerator=True`, the default) undoes three things only
+Accelerator-like compilation (`as_accelerator=True`, the default) undoes two things only
 the CPU backend does, each of which would otherwise dominate a bfloat16 plan:
 - the CPU computes bfloat16 in float32, and loop-invariant code motion then hoists whole-stack
   widening converts out of the layer loops (float32 copies of every scanned weight and of the
   saved activations); GPU and TPU compute bfloat16 natively, so the pass is switched off;
-- JAX lowers the threefry RNG (dropout masks) to a rolled loop on CPU, whose state XLA keeps
-  in memory for the whole mask; GPU and TPU get the unrolled form, which fuses;
 - attention runs query-blocked (`attention_impl: blocked`) as a stand-in for the fused kernel
   an accelerator runs (cuDNN on GPU, a flash kernel on TPU): neither keeps the [T, T] scores.
+(The dropout masks' threefry RNG is lowered unrolled, as on GPU and TPU, by every
+`TrainProgram`, not only here: see `models.layers.unrolled_threefry_on_cpu`.)
 What remains CPU-specific is float32 temporaries between fusions where an accelerator keeps
 bfloat16, so a bfloat16 plan is an upper bound.
 """
@@ -39,24 +39,6 @@ NO_CODEGEN_OPT = {"xla_backend_optimization_level": 0,
                   "xla_llvm_disable_expensive_passes": True}
 
 
-@contextlib.contextmanager
-def unrolled_cpu_rng() -> Iterator[bool]:
-  """Lowers threefry on CPU as GPU and TPU do (unrolled), restoring the CPU rule after; yields
-  whether it could (the rules are JAX internals). Both lowerings compute the same bits."""
-  try:
-    from jax._src.interpreters import mlir
-    from jax._src.random import threefry2x32 as tf
-    unrolled, rolled = tf._threefry2x32_lowering_rule, tf._threefry2x32_cpu_lowering_rule
-  except (ImportError, AttributeError):
-    yield False
-    return
-  mlir.register_lowering(tf.threefry2x32_p, unrolled, platform="cpu")
-  try:
-    yield True
-  finally:
-    mlir.register_lowering(tf.threefry2x32_p, rolled, platform="cpu")
-
-
 def planning_config(cfg: Config, as_accelerator: bool) -> Config:
   if as_accelerator and cfg.model.attention_impl != "blocked":
     return replace(cfg, **{"model.attention_impl": "blocked"})
@@ -67,9 +49,10 @@ def adjustments(as_accelerator: bool, attention_impl: str, rng_unrolled: bool) -
   """What the plan compiled differently from a plain CPU compile of the config, in words."""
   if not as_accelerator:
     return ["none: exactly what the CPU compiles for this config"]
-  out = ["loop-invariant code motion off (the CPU's float32 copies of bfloat16 stacks)",
-         "threefry RNG lowered unrolled, as on GPU and TPU" if rng_unrolled else
-         "threefry RNG as the CPU lowers it (this JAX has no unrolled rule to borrow)"]
+  out = ["loop-invariant code motion off (the CPU's float32 copies of bfloat16 stacks)"]
+  if not rng_unrolled:
+    out.append("none for the RNG: this JAX has no unrolled threefry rule to borrow, so the "
+               "dropout masks keep the CPU's rolled loop and its whole-mask state")
   if attention_impl != "blocked":
     out.append(f"attention_impl blocked for {attention_impl}: stands in for a fused kernel "
                "that keeps no [T, T] scores (cuDNN on GPU, flash on TPU)")
@@ -91,13 +74,11 @@ def compile_step(cfg: Config, devices: int, batch: int, seq_len: int, *, as_acce
   options = {**NO_CODEGEN_OPT, **(NO_LICM if as_accelerator else {})}
   if dump_dir:
     options.update(xla_dump_to=dump_dir, xla_dump_hlo_as_text=True)
-  rng = unrolled_cpu_rng() if as_accelerator else contextlib.nullcontext(False)
-  with rng as rng_unrolled:
-    lowered = program.train_step.lower(program.abstract_state,
-                                       program.abstract_batch(rows, seq_len))
+  lowered = program.train_step.lower(program.abstract_state,
+                                     program.abstract_batch(rows, seq_len))
   with no_compilation_cache():
     compiled = lowered.compile(compiler_options=options)
-  return program, compiled, rows, time.perf_counter() - t0, rng_unrolled
+  return program, compiled, rows, time.perf_counter() - t0, program.rng_unrolled
 
 
 @contextlib.contextmanager

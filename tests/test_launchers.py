@@ -357,3 +357,11 @@ def test_shellcheck_clean(script):
   out = subprocess.run([_shellcheck(), "--severity=style", str(path)],
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("path", ["benchmarks/run_all.sh", ".ci/run"])
+def test_other_scripts_are_shellcheck_clean(path):
+  full = LAUNCH.parent / path
+  out = subprocess.run([_shellcheck(), "--severity=style", str(full)],
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stdout + out.stderr

@@ -228,7 +228,8 @@ class ModelConfig:
 class SyntheticDataConfig:
   """The generated shapes set (`sqllava_jax.data.synthetic`), built in `dir` on first use."""
   dir: str = "data/synthetic"
-  # 1: captions (template plain); 2: multi-turn questions and answers.
+  # 1: captions (template plain); 2: multi-turn questions and answers; 0: those plus a grid
+  # description per image (the demo's from-scratch stage 0).
   stage: int = 2
   num_train: int = 4000
   num_eval: int = 500
@@ -238,7 +239,7 @@ class SyntheticDataConfig:
   seed: int = 0
 
   def __post_init__(self):
-    _check(self.stage in (1, 2), f"data.synthetic.stage={self.stage} must be 1 or 2")
+    _check(self.stage in (0, 1, 2), f"data.synthetic.stage={self.stage} must be 0, 1 or 2")
     _check(self.num_train > 0 and self.num_eval > 0,
            f"data.synthetic.num_train={self.num_train} and num_eval={self.num_eval} must be > 0")
     _check(self.image_size == 0 or self.image_size >= 16,

@@ -81,6 +81,25 @@ def test_conversations_answer_from_the_scene(made):
              for r in stage1)
 
 
+def test_stage0_adds_a_grid_description_and_an_asked_question_per_image(made):
+  a = made[0]
+  stage2 = json.load(open(a.json(2, "train")))
+  stage0 = json.load(open(a.json(0, "train")))
+  assert stage0[:len(stage2)] == stage2 and len(stage0) == 2 * len(stage2)
+  for qa, grid in zip(stage2, stage0[len(stage2):]):
+    assert grid["image"] == qa["image"] and grid["scene"] == qa["scene"]
+    human, gpt, ask, asked = grid["conversations"]
+    assert human["value"] == f"<image>\n{synthetic.GRID_QUESTION}"
+    assert ask["value"] == synthetic.ASK_REQUEST and ask["from"] == "human"
+    assert synthetic.question_is_valid(asked["value"], Scene.from_json(grid["scene"]))
+    cells = dict(c.split(": ") for c in gpt["value"].rstrip(".").split(", "))
+    scene = Scene.from_json(grid["scene"])
+    assert list(cells) == list(synthetic.POSITIONS)
+    for position, said in cells.items():
+      o = scene.at(position)
+      assert said == (f"a {o.color} {o.shape}" if o else "nothing")
+
+
 def test_vqa_items_cover_every_question_type(made):
   items = synthetic.load_vqa(made[0].root, "eval")
   assert {i.question_type for i in items} == set(synthetic.QUESTION_TYPES)

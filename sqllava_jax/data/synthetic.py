@@ -6,7 +6,17 @@ cell of a 2 x 2 grid, on a dark background. Records are LLaVA-format JSON:
 - stage 1 (template `plain`): `<image>` -> a caption listing every shape;
 - stage 2 (templates `vicuna_v1` / `v1_sq`): two to four single-word questions and
   answers about colour, shape, count and position, sometimes preceded by the
-  self-questioning protocol's opening question, answered with the caption.
+  self-questioning protocol's opening question, answered with the caption;
+- stage 0 (the demo's from-scratch pretraining, `vicuna_v1`): the stage-2 records plus, per
+  image, a grid description that names every cell before its content ("top-left: a red
+  circle, top-right: nothing, ...") and then a question about the image asked by the
+  assistant. The questions alone give a few answer tokens per image, and the captions name
+  positions last; the grid description supervises the lookup every question needs (cell ->
+  its image tokens -> colour and shape) densely, four times per image. The asked question
+  stands in for what a pretrained LLM brings: words it can say. Without it the question
+  words ("What", "How", "?") only ever appear in unlabelled USER turns, stage 0 teaches the
+  output layer never to emit them, and stage 2 (output layer frozen, LoRA only) cannot learn
+  to ask.
 
 Every record carries its `scene`, so evaluation can score answers (`answer_question`, exact
 match against single-word answers) and self-asked questions (`question_is_valid`). The
@@ -48,8 +58,10 @@ CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "count": 1 / 4,
           "position": 1 / len(POSITIONS)}
 DESCRIBE_QUESTION = "Can you describe the image in detail?"
 CAPTION_PROMPT = "Describe the image briefly."
+GRID_QUESTION = "What is in each cell of the grid?"
+ASK_REQUEST = "Ask a question about the image."
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _QUESTION_FORMS = {
     "color": "What color is the shape at the {position}?",
@@ -124,6 +136,15 @@ def caption(scene: Scene) -> str:
   return f"{NUMBERS[len(parts)]} {noun}: {listed}."
 
 
+def grid_description(scene: Scene) -> str:
+  """'top-left: a red circle, top-right: nothing, bottom-left: nothing, bottom-right: ...'"""
+  cells = []
+  for position in POSITIONS:
+    o = scene.at(position)
+    cells.append(f"{position}: " + (f"a {o.color} {o.shape}" if o else "nothing"))
+  return ", ".join(cells) + "."
+
+
 def questions(scene: Scene) -> list[tuple[str, str, str]]:
   """Every well-posed (question, answer, question_type) about `scene`."""
   out = []
@@ -192,6 +213,18 @@ def stage1_record(rid: str, image: str, scene: Scene) -> dict:
   return {"id": rid, "image": image, "scene": scene.to_json(),
           "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                             {"from": "gpt", "value": caption(scene)}]}
+
+
+def grid_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
+  """A stage-0 record (`vicuna_v1`): the grid description, then a question the assistant
+  asks about the image (one of the well-posed ones, drawn with `rng`)."""
+  pool = questions(scene)
+  asked = pool[int(rng.integers(len(pool)))][0]
+  return {"id": f"{rid}-grid", "image": image, "scene": scene.to_json(),
+          "conversations": [{"from": "human", "value": f"<image>\n{GRID_QUESTION}"},
+                            {"from": "gpt", "value": grid_description(scene)},
+                            {"from": "human", "value": ASK_REQUEST},
+                            {"from": "gpt", "value": asked}]}
 
 
 def stage2_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
@@ -285,6 +318,8 @@ def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int =
       stage1.append(stage1_record(rid, image, scene))
       stage2.append(stage2_record(rid, image, scene, rng))
       vqa.extend(_vqa_records(rid, image, scene, rng))
+    files[paths.json(0, split)] = stage2 + [grid_record(r["id"], r["image"], scene, rng)
+                                            for r, (scene, rng) in zip(stage2, scenes)]
     files[paths.json(1, split)] = stage1
     files[paths.json(2, split)] = stage2
     files[paths.vqa(split)] = vqa
@@ -292,7 +327,8 @@ def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int =
     with open(path, "w") as f:
       json.dump(records, f, indent=0)
   # A thousand records already hold every word of the closed vocabulary many times.
-  lines = corpus(files[paths.json(1, "train")][:1000], files[paths.json(2, "train")][:1000])
+  lines = corpus(files[paths.json(1, "train")][:1000],
+                 files[paths.json(2, "train")][:1000] + files[paths.json(0, "train")][-200:])
   train_tokenizer(lines, paths.tokenizer, vocab_size=vocab_size)
   with open(paths.manifest, "w") as f:
     json.dump({"params": params, "chance": CHANCE,

@@ -62,8 +62,11 @@ def test_fast_demo_writes_report_curves_and_exports(fast_demo):
   for needle in ("stage 0", "stage 1", "stage 2", "chance", "synthetic_vqa", "synthetic_sq",
                  "Timings", str(out / "export")):
     assert needle in report, needle
-  asked = [l for l in report.splitlines() if l.startswith("| ") and l.count("|") == 5]
-  assert len(asked) == 1 + 3, "the ask table needs a header and three questions"
+  lines = report.splitlines()
+  start = lines.index("| question (sampled) | answer (greedy) | valid question | correct answer |")
+  end = lines.index("", start)
+  asked = lines[start + 2:end]  # after the header and its |---| rule
+  assert len(asked) == 3 and all(l.startswith("| ") for l in asked), lines[start:end]
   for stage in configs.STAGES:
     png = out / stage / "loss.png"
     assert png.read_bytes()[:8] == PNG_MAGIC, png
@@ -138,3 +141,15 @@ def test_output_folder_is_replaced_only_when_it_is_a_demo_run(tmp_path):
     run.prepare_output(str(ours), False, [])
   run.prepare_output(str(ours), True, [])
   assert not (ours / "stale").exists() and (ours / run.MARKER).is_file()
+
+
+def test_report_keeps_model_output_on_one_table_row():
+  from sqllava_jax.demo import report
+  turn = {"question": "What\n|col\x0bor\x00?", "answer": "re|d\u2028", "valid": False,
+          "correct": False, "gold": None}
+  lines = report._ask_section({"image": "x.png", "scene": "s", "description": "one\nshape",
+                               "turns": [turn]})
+  rows = "\n".join(lines).splitlines()
+  assert rows[rows.index("|---|---|---|---|") + 1] == (
+      "| What\\n\\|col\\x0bor\\x00? | re\\|d\\u2028 | no | no |")
+  assert "Description (greedy): one\\nshape" in rows

@@ -19,6 +19,13 @@ def _num(x, digits: int = 4) -> str:
   return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _text(text: str) -> str:
+  """Model output, safe inside one Markdown line or table cell: control and line-break
+  characters (a half-trained model emits byte pieces) as escapes, `|` escaped."""
+  out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+  return out.replace("|", "\\|")
+
+
 def _count(n: int) -> str:
   return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
@@ -110,12 +117,12 @@ def _sq_section(sq: Mapping) -> list[str]:
 def _ask_section(ask: Mapping) -> list[str]:
   lines = ["## Three self-asked questions about one held-out image", "",
            f"Image `{ask['image']}`; truth: {ask['scene']}", "",
-           f"Description (greedy): {ask['description']}", "",
+           f"Description (greedy): {_text(ask['description'])}", "",
            "| question (sampled) | answer (greedy) | valid question | correct answer |",
            "|---|---|---|---|"]
   for t in ask["turns"]:
     gold = "" if t["correct"] or t["gold"] is None else f" (truth: {t['gold']})"
-    lines.append(f"| {t['question']} | {t['answer']}{gold} | {'yes' if t['valid'] else 'no'} | "
+    lines.append(f"| {_text(t['question'])} | {_text(t['answer'])}{gold} | {'yes' if t['valid'] else 'no'} | "
                  f"{'yes' if t['correct'] else 'no'} |")
   return lines + [""]
 

@@ -42,15 +42,7 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
 
   Returns (sum of token losses, number of trained tokens), both float32 scalars.
   """
-  b, t, d = hidden.shape
-  chunk = min(chunk, t)
-  pad = (-t) % chunk
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
-  n = (t + pad) // chunk
-  hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
-  ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+  hs, ts = _chunks(hidden, targets, chunk)
 
   @jax.checkpoint
   def one_chunk(h, tgt):

@@ -15,15 +15,17 @@ The reference is what the reference code trains with: transformers' `CLIPVisionM
 from DESIGN.md section 2, image features scattered into `inputs_embeds`, the model's own
 loss (full [B, T, V] logits), backward, gradient clipping and AdamW.
 
-Runs alternate ours / reference; each is bracketed by fp32 matmul probes in JAX and torch
-([4096, 1024] x [1024, 2816], the decoder's MLP shape), so the practical limit is measured
-under the same load as the steps. Model FLOPs are analytical (`training.flops`: forward,
+Each side runs in its own worker process (`ab.py`: two frameworks' thread pools in one
+process slow each other down) and the steps alternate ours / reference; each step is
+preceded by an fp32 matmul probe in the same worker ([4096, 1024] x [1024, 2816], the
+decoder's MLP shape), so the practical limit is measured under the same load as the steps. Model FLOPs are analytical (`training.flops`: forward,
 input gradients through frozen weights, weight gradients only for trainable ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -131,6 +133,31 @@ class Ours:
     return parts, flops.total(parts)
 
 
+class OursWorker:
+  """`Ours` as `ab.Side` serves it: FLOPs and versions in `info`, timed steps, a JAX probe."""
+
+  def __init__(self, s: Shapes, attention: str, chunk: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.ours = Ours(s, attention, chunk)
+    self.probe = jax_matmul_probe()
+    self.shapes = s
+    self.header = (f"jax {jax.__version__} ({jax.devices()[0].platform}, "
+                   f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
+
+  def info(self) -> dict:
+    parts, total = self.ours.model_flops(self.shapes)
+    return {"header": self.header, "compile_seconds": self.ours.compile_seconds,
+            "image_token_id": self.ours.cfg.model.image_token_id,
+            "parts": {k: v.total for k, v in parts.items()},
+            "total": {**dataclasses.asdict(total), "total": total.total}}
+
+  def timed_step(self) -> tuple[float, float]:
+    return timed(self.ours)
+
+  def matmul_rate(self) -> float:
+    return matmul_flops() / self.probe()
+
+
 # --- the PyTorch reference ---------------------------------------------------------------------
 
 def torch_prototype_extractor(d: int, h: int, n: int, iterations: int):
@@ -228,31 +255,65 @@ class Reference:
     return sum(p.numel() for p in self.params)
 
 
+class ReferenceWorker:
+  """`Reference` as `ab.Side` serves it, with a torch probe."""
+
+  def __init__(self, s: Shapes, image_token_id: int):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.reference = Reference(s, image_token_id)
+    self.probe = torch_matmul_probe()
+    self.header = f"torch {torch.__version__} with {torch.get_num_threads()} intra-op threads"
+
+  def info(self) -> dict:
+    return {"header": self.header, "trainable": self.reference.trainable_count()}
+
+  def timed_step(self) -> tuple[float, float]:
+    return timed(self.reference)
+
+  def matmul_rate(self) -> float:
+    return matmul_flops() / self.probe()
+
+
 # --- the practical limit: fp32 matmul ---------------------------------------------------------
 
-def matmul_probes():
-  """{name: run() -> seconds} for one [M, K] x [K, N] float32 matmul in JAX and in torch."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+def _probe_operands():
   m, k, n = MATMUL
   rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-  ja, jb = jnp.asarray(a), jnp.asarray(b)
-  jmm = jax.jit(jnp.matmul)
-  jmm(ja, jb).block_until_ready()
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  return rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
 
-  def timed(fn, reps=5):
-    best = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      fn()
-      best.append(time.perf_counter() - start)
-    return statistics.median(best)
 
-  return {"jax": lambda: timed(lambda: jmm(ja, jb).block_until_ready()),
-          "torch": lambda: timed(lambda: torch.matmul(ta, tb))}
+def _median_seconds(fn, reps: int = 5) -> float:
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def jax_matmul_probe():
+  """run() -> seconds of one [M, K] x [K, N] float32 matmul in JAX (median of a few)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a, b = (jnp.asarray(x) for x in _probe_operands())
+  mm = jax.jit(jnp.matmul)
+  mm(a, b).block_until_ready()
+  return lambda: _median_seconds(lambda: mm(a, b).block_until_ready())
+
+
+def torch_matmul_probe():
+  """The same in torch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  a, b = (torch.from_numpy(x) for x in _probe_operands())
+  torch.matmul(a, b)
+  return lambda: _median_seconds(lambda: torch.matmul(a, b))
+
+
+def timed(step) -> tuple[float, float]:
+  """(seconds, loss) of one call of `step`, which returns the loss as a Python float."""
+  start = time.perf_counter()
+  loss = step()
+  return time.perf_counter() - start, loss
 
 
 def matmul_flops() -> float:
@@ -262,65 +323,65 @@ def matmul_flops() -> float:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def measure(runners: dict, probes: dict, repeats: int) -> tuple[dict, dict, dict]:
-  """Interleaved: one warm-up each, then `repeats` rounds of (probe, step) per runner.
-  Returns ({runner: [seconds]}, {runner: [loss]}, {probe: [FLOP/s]})."""
-  for run in runners.values():
-    run()
-  seconds = {n: [] for n in runners}
-  losses = {n: [] for n in runners}
-  rates = {n: [] for n in probes}
+def measure(sides: list, repeats: int) -> tuple[dict, dict]:
+  """Interleaved: one warm-up step each, then `repeats` rounds of (probe, step) per side.
+  Returns ({side: [seconds]}, {framework probe: [FLOP/s]})."""
+  for side in sides:
+    side.call("timed_step")
+  seconds = {side.name: [] for side in sides}
+  rates = {side.name: [] for side in sides}
   for r in range(repeats):
-    for name, run in runners.items():
-      for probe, p in probes.items():
-        rates[probe].append(matmul_flops() / p())
-      start = time.perf_counter()
-      losses[name].append(run())
-      seconds[name].append(time.perf_counter() - start)
-      print(f"  round {r}: {name:<12} {seconds[name][-1]:7.2f} s  loss {losses[name][-1]:.4f}  "
+    for side in sides:
+      rates[side.name].append(side.call("matmul_rate"))
+      took, loss = side.call("timed_step")
+      seconds[side.name].append(took)
+      print(f"  round {r}: {side.name:<12} {took:7.2f} s  loss {loss:.4f}  "
             f"load {os.getloadavg()[0]:.1f}", flush=True)
-  return seconds, losses, rates
+  return seconds, rates
 
 
-def report(s: Shapes, seconds: dict, rates: dict, ours: Ours) -> None:
-  parts, total = ours.model_flops(s)
-  print(f"\nmodel FLOPs per step (analytical): {total.total / 1e12:.3f} TFLOP = forward "
-        f"{total.forward / 1e12:.3f} + input gradients {total.input_grad / 1e12:.3f} + weight "
-        f"gradients {total.weight_grad / 1e12:.3f} (trainable only)")
-  for name, f in parts.items():
-    print(f"  {name:<18} {f.total / 1e9:9.1f} GFLOP")
-  limit = {k: statistics.median(v) for k, v in rates.items()}
+def report(seconds: dict, rates: dict, flops: dict) -> None:
+  total = flops["total"]
+  print(f"\nmodel FLOPs per step (analytical): {total['total'] / 1e12:.3f} TFLOP = forward "
+        f"{total['forward'] / 1e12:.3f} + input gradients {total['input_grad'] / 1e12:.3f} + "
+        f"weight gradients {total['weight_grad'] / 1e12:.3f} (trainable only)")
+  for name, f in flops["parts"].items():
+    print(f"  {name:<18} {f / 1e9:9.1f} GFLOP")
+  limit = {FRAMEWORK[k]: statistics.median(v) for k, v in rates.items()}
   print(f"fp32 matmul {MATMUL[0]}x{MATMUL[1]} @ {MATMUL[1]}x{MATMUL[2]}, median over the "
         f"run: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in limit.items()))
   best = max(limit.values())
   for name, xs in seconds.items():
     med = statistics.median(xs)
     print(f"{name:<12} median {med:7.2f} s/step  (runs: {', '.join(f'{x:.1f}' for x in xs)})  "
-          f"{total.total / med / 1e9:6.1f} GFLOP/s = {total.total / med / best:.0%} of the "
-          f"matmul limit")
+          f"{total['total'] / med / 1e9:6.1f} GFLOP/s = {total['total'] / med / best:.0%} of "
+          f"the matmul limit")
   if "reference" in seconds:
     ratio = statistics.median(seconds["sqllava-jax"]) / statistics.median(seconds["reference"])
     print(f"ours / reference step time: {ratio:.2f}x (goal <= 0.80x)")
 
 
+FRAMEWORK = {"sqllava-jax": "jax", "reference": "torch"}
+
+
 def main() -> None:
+  import ab  # pylint: disable=g-import-not-at-top
   args = parse_args()
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   s = Shapes(batch=args.batch, seq=args.seq, layers=args.layers)
-  print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
-        f"({jax.devices()[0].platform}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch "
-        f"{torch.__version__} with {torch.get_num_threads()} intra-op threads")
-  ours = Ours(s, args.attention, args.chunk)
-  print(f"ours: attention {args.attention}, logits chunk {args.chunk}, compiled in "
-        f"{ours.compile_seconds:.0f} s")
-  runners = {"sqllava-jax": ours}
-  if not args.skip_torch:
-    reference = Reference(s, ours.cfg.model.image_token_id)
-    print(f"reference: {reference.trainable_count() / 1e6:.2f} M trainable parameters")
-    runners["reference"] = reference
-  seconds, _, rates = measure(runners, matmul_probes(), args.repeats)
-  report(s, seconds, rates, ours)
+  print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs; each side in its own process")
+  with contextlib.ExitStack() as stack:
+    ours = stack.enter_context(ab.Side("sqllava-jax", OursWorker, s, args.attention, args.chunk))
+    print(f"ours: {ours.info['header']}; attention {args.attention}, logits chunk {args.chunk}, "
+          f"compiled in {ours.info['compile_seconds']:.0f} s", flush=True)
+    sides = [ours]
+    if not args.skip_torch:
+      reference = stack.enter_context(
+          ab.Side("reference", ReferenceWorker, s, ours.info["image_token_id"]))
+      print(f"reference: {reference.info['header']}; "
+            f"{reference.info['trainable'] / 1e6:.2f} M trainable parameters", flush=True)
+      sides.append(reference)
+    seconds, rates = measure(sides, args.repeats)
+  report(seconds, rates, ours.info)
   print(f"load average after: {os.getloadavg()}")
 
 

@@ -1,6 +1,6 @@
 """One stage-2 train step, ours (jitted JAX) against a PyTorch reference, float32 on CPU.
 
-    python benchmarks/train_step.py [--repeats 5] [--layers 8] [--skip-torch]
+    python benchmarks/train_step.py [--repeats 3] [--steps 2] [--layers 8] [--skip-torch]
 
 The model is a mid-size SQ-LLaVA: CLIP ViT 512 wide x 4 layers at 224 px (patch 14: 256
 patch tokens), the prototype extractor (128 prototypes, 2 iterations), LLaMA 1024 wide x 8
@@ -15,10 +15,14 @@ The reference is what the reference code trains with: transformers' `CLIPVisionM
 from DESIGN.md section 2, image features scattered into `inputs_embeds`, the model's own
 loss (full [B, T, V] logits), backward, gradient clipping and AdamW.
 
-Each side runs in its own worker process (`ab.py`: two frameworks' thread pools in one
-process slow each other down) and the steps alternate ours / reference; each step is
-preceded by an fp32 matmul probe in the same worker ([4096, 1024] x [1024, 2816], the
-decoder's MLP shape), so the practical limit is measured under the same load as the steps. Model FLOPs are analytical (`training.flops`: forward,
+Each side runs in a worker process of its own, one side at a time (`ab.py`): in one process
+the two frameworks' thread pools slow each other down, and with both models resident the
+page faults of each step's fresh temporaries slow ours down (24 GiB machine). Rounds
+alternate ours / reference, each a fresh process: build, one warm-up step, an fp32 matmul
+probe in that framework ([4096, 1024] x [1024, 2816], the decoder's MLP shape, so the
+practical limit is measured under the same conditions), then the timed steps. Ours runs
+with `remat_policy: dots` (3.5 GiB of temporaries instead of 5.1, and a little faster here)
+and logits chunks of 256 (chunks past each row's last trained position are skipped). Model FLOPs are analytical (`training.flops`: forward,
 input gradients through frozen weights, weight gradients only for trainable ones).
 """
 
@@ -38,12 +42,13 @@ MATMUL = (4096, 1024, 2816)  # M, K, N of the probe
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=3, help="rounds (fresh processes)")
+  p.add_argument("--steps", type=int, default=2, help="timed steps per side and round")
   p.add_argument("--layers", type=int, default=8)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=1024)
   p.add_argument("--attention", default="auto", help="model.attention_impl of ours")
-  p.add_argument("--chunk", type=int, default=512, help="train.logits_chunk_size of ours")
+  p.add_argument("--chunk", type=int, default=256, help="train.logits_chunk_size of ours")
   p.add_argument("--skip-torch", action=argparse.BooleanOptionalAction, default=False)
   return p.parse_args()
 
@@ -100,7 +105,7 @@ def our_config(s: Shapes, attention: str, chunk: int):
       projector=ProjectorConfig(type="cluster", num_prototypes=s.prototypes, num_iterations=2),
       vit_lora=LoRAConfig(rank=8, alpha=16.0, dropout=0.2, targets=VIT_LORA_TARGETS),
       llm_lora=LoRAConfig(rank=16, alpha=32.0, dropout=0.05, targets=LLM_LORA_TARGETS),
-      remat_policy="none", attention_impl=attention)
+      remat_policy="dots", attention_impl=attention)
   train = TrainConfig(param_groups=groups, per_device_batch_size=s.batch,
                       logits_chunk_size=chunk)
   return Config(model=model, train=train, mesh=MeshConfig(data=1))
@@ -323,21 +328,27 @@ def matmul_flops() -> float:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def measure(sides: list, repeats: int) -> tuple[dict, dict]:
-  """Interleaved: one warm-up step each, then `repeats` rounds of (probe, step) per side.
-  Returns ({side: [seconds]}, {framework probe: [FLOP/s]})."""
-  for side in sides:
-    side.call("timed_step")
-  seconds = {side.name: [] for side in sides}
-  rates = {side.name: [] for side in sides}
-  for r in range(repeats):
-    for side in sides:
-      rates[side.name].append(side.call("matmul_rate"))
-      took, loss = side.call("timed_step")
-      seconds[side.name].append(took)
-      print(f"  round {r}: {side.name:<12} {took:7.2f} s  loss {loss:.4f}  "
-            f"load {os.getloadavg()[0]:.1f}", flush=True)
-  return seconds, rates
+def measure(sides: dict, rounds: int, steps: int) -> tuple[dict, dict, dict]:
+  """`rounds` rounds; in each, every side in turn gets a fresh worker process (built, one
+  warm-up step, a matmul probe, `steps` timed steps, then closed), so only one side's
+  memory is resident while it runs. Returns ({side: [seconds]}, {side: [probe FLOP/s]},
+  {side: its worker's info})."""
+  import ab  # pylint: disable=g-import-not-at-top
+  seconds = {name: [] for name in sides}
+  rates = {name: [] for name in sides}
+  infos = {}
+  for r in range(rounds):
+    for name, (factory, args) in sides.items():
+      with ab.Side(name, factory, *args) as side:
+        infos.setdefault(name, side.info)
+        side.call("timed_step")
+        rates[name].append(side.call("matmul_rate"))
+        for _ in range(steps):
+          took, loss = side.call("timed_step")
+          seconds[name].append(took)
+          print(f"  round {r}: {name:<12} {took:7.2f} s  loss {loss:.4f}  "
+                f"load {os.getloadavg()[0]:.1f}", flush=True)
+  return seconds, rates, infos
 
 
 def report(seconds: dict, rates: dict, flops: dict) -> None:
@@ -365,23 +376,22 @@ FRAMEWORK = {"sqllava-jax": "jax", "reference": "torch"}
 
 
 def main() -> None:
-  import ab  # pylint: disable=g-import-not-at-top
   args = parse_args()
   s = Shapes(batch=args.batch, seq=args.seq, layers=args.layers)
-  print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs; each side in its own process")
-  with contextlib.ExitStack() as stack:
-    ours = stack.enter_context(ab.Side("sqllava-jax", OursWorker, s, args.attention, args.chunk))
-    print(f"ours: {ours.info['header']}; attention {args.attention}, logits chunk {args.chunk}, "
-          f"compiled in {ours.info['compile_seconds']:.0f} s", flush=True)
-    sides = [ours]
-    if not args.skip_torch:
-      reference = stack.enter_context(
-          ab.Side("reference", ReferenceWorker, s, ours.info["image_token_id"]))
-      print(f"reference: {reference.info['header']}; "
-            f"{reference.info['trainable'] / 1e6:.2f} M trainable parameters", flush=True)
-      sides.append(reference)
-    seconds, rates = measure(sides, args.repeats)
-  report(seconds, rates, ours.info)
+  print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs; each side in its own "
+        f"process, one at a time; {args.repeats} rounds of {args.steps} steps", flush=True)
+  sides = {"sqllava-jax": (OursWorker, (s, args.attention, args.chunk))}
+  if not args.skip_torch:
+    from sqllava_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+    sides["reference"] = (ReferenceWorker, (s, ModelConfig().image_token_id))
+  seconds, rates, infos = measure(sides, args.repeats, args.steps)
+  ours = infos["sqllava-jax"]
+  print(f"ours: {ours['header']}; attention {args.attention}, logits chunk {args.chunk}, "
+        f"remat dots, compiled in {ours['compile_seconds']:.0f} s")
+  if "reference" in infos:
+    print(f"reference: {infos['reference']['header']}; "
+          f"{infos['reference']['trainable'] / 1e6:.2f} M trainable parameters")
+  report(seconds, rates, ours)
   print(f"load average after: {os.getloadavg()}")
 
 

@@ -97,11 +97,15 @@ def test_fused_cross_entropy_equals_the_chunked_one_with_gradients(kernel_grad):
   rng = np.random.default_rng(1)
   hidden = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
-  targets = rng.integers(0, 50, size=(2, 13))
+  targets = rng.integers(0, 50, size=(3, 13))
   targets[0, :4] = IGNORE
+  # scattered targets (moved to the front before chunking) and a row with none
+  targets[1, rng.permutation(13)[:9]] = IGNORE
+  targets[2] = IGNORE
   targets = jnp.asarray(targets)
+  hidden = jnp.concatenate([hidden, hidden[:1] * 0.5], axis=0)
   argnums = (0, 1) if kernel_grad else 0
-  for chunk in (1, 5, 13, 64):
+  for chunk in (1, 3, 5, 13, 64):
     plain = jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, targets, chunk)[0],
                                argnums=argnums)(hidden, kernel)
     fused = jax.value_and_grad(

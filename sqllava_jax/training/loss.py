@@ -4,9 +4,10 @@ The vocabulary projection runs over chunks of the sequence, so one chunk of logi
 a time. `chunked_cross_entropy` is the plain form (its backward recomputes each chunk's
 logits under `jax.checkpoint`); `fused_cross_entropy` computes the same value and, when
 differentiated, forms each chunk's gradient (softmax - one-hot) while its logits are at
-hand: no second vocabulary projection, and no [D, V] weight gradient unless the output
-kernel trains. Losses are returned as a sum with the count of trained tokens; callers
-normalise over the global batch and every accumulation step.
+hand: no second vocabulary projection, no [D, V] weight gradient unless the output kernel
+trains, and no projection at all of chunks without a trained position (each row's trained
+positions are moved to the front first). Losses are returned as a sum with the count of
+trained tokens; callers normalise over the global batch and every accumulation step.
 """
 
 from __future__ import annotations
@@ -75,15 +76,32 @@ def _chunks(hidden, targets, chunk):
   return hidden.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1)
 
 
+def _trained_first(hidden, targets):
+  """Each row's positions reordered so the ones with a target come first (stable).
+
+  Returns (hidden [B, T, D], targets [B, T]) in that order, the order itself (to put the
+  gradient back) and the largest number of trained positions in any row: chunks that start
+  past it hold no target, and their vocabulary projection is skipped."""
+  order = jnp.argsort(targets == IGNORE, axis=1, stable=True)
+  longest = jnp.max(jnp.sum(targets != IGNORE, axis=1))
+  return (jnp.take_along_axis(hidden, order[..., None], axis=1),
+          jnp.take_along_axis(targets, order, axis=1), order, longest)
+
+
 def _loss_and_grads(hidden, kernel, targets, chunk, kernel_grad):
-  """(sum, count) and their gradient w.r.t. `hidden` [B, T, D] (and `kernel`, if asked)."""
+  """(sum, count) and their gradient w.r.t. `hidden` [B, T, D] (and `kernel`, if asked).
+
+  Only chunks that hold a trained position are projected onto the vocabulary: positions
+  are first moved so each row's trained ones lead (`_trained_first`). With images and
+  prompts unlabelled that skips a third or more of the largest matmul of the step."""
   b, t, d = hidden.shape
-  hs, ts = _chunks(hidden, targets, chunk)
+  sorted_hidden, sorted_targets, order, longest = _trained_first(hidden, targets)
+  hs, ts = _chunks(sorted_hidden, sorted_targets, chunk)
+  c = hs.shape[2]
   w = kernel.astype(hidden.dtype)
 
-  def body(carry, xs):
+  def project(carry, h, tgt):
     total, count, d_kernel = carry
-    h, tgt = xs
     logits = (h @ w).astype(jnp.float32)  # [B, C, V]
     valid = tgt != IGNORE
     safe = jnp.where(valid, tgt, 0)
@@ -98,10 +116,20 @@ def _loss_and_grads(hidden, kernel, targets, chunk, kernel_grad):
                                        preferred_element_type=jnp.float32)
     return (total, count + jnp.sum(valid).astype(jnp.float32), d_kernel), d_h
 
+  def skip(carry, h, tgt):
+    del tgt
+    return carry, jnp.zeros_like(h)
+
+  def body(carry, xs):
+    i, h, tgt = xs
+    return jax.lax.cond(i * c < longest, project, skip, carry, h, tgt)
+
   zero = jnp.zeros((), jnp.float32)
   d_kernel = jnp.zeros(kernel.shape, jnp.float32) if kernel_grad else zero
-  (total, count, d_kernel), d_hs = jax.lax.scan(body, (zero, zero, d_kernel), (hs, ts))
-  d_hidden = d_hs.swapaxes(0, 1).reshape(b, -1, d)[:, :t]
+  steps = jnp.arange(hs.shape[0])
+  (total, count, d_kernel), d_hs = jax.lax.scan(body, (zero, zero, d_kernel), (steps, hs, ts))
+  d_sorted = d_hs.swapaxes(0, 1).reshape(b, -1, d)[:, :t]
+  d_hidden = jnp.take_along_axis(d_sorted, jnp.argsort(order, axis=1)[..., None], axis=1)
   return (total, count), (d_hidden, d_kernel)
 
 

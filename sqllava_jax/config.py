@@ -42,12 +42,18 @@ class VisionConfig:
   # encoder layer (`hidden_states[-2]`); index 0 is the embeddings after `pre_layrnorm`.
   select_layer: int = -2
   select_feature: Literal["patch", "cls_patch"] = "patch"
+  # Standard deviation of the position embeddings at initialisation (CLIP's: 0.02). Only a
+  # tower trained from scratch cares: with 0.02 a patch's position is a small fraction of its
+  # features, and a small tower learns slowly which patch is where.
+  init_position_std: float = 0.02
 
   def __post_init__(self):
     _check(self.hidden_size % self.num_heads == 0,
            f"vision.hidden_size={self.hidden_size} not divisible by vision.num_heads={self.num_heads}")
     _check(self.image_size % self.patch_size == 0,
            f"vision.image_size={self.image_size} not divisible by vision.patch_size={self.patch_size}")
+    _check(self.init_position_std >= 0,
+           f"vision.init_position_std={self.init_position_std} must be >= 0")
     n = self.num_layers
     _check(-(n + 1) <= self.select_layer <= n,
            f"vision.select_layer={self.select_layer} out of range for {n} layers (-{n + 1}..{n})")

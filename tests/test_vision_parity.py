@@ -58,3 +58,19 @@ def test_full_clip_checkpoint_imports_its_vision_tower(tmp_path, pixels):
     ref = to_np(hf.vision_model(pixel_values=pixels[1], output_hidden_states=True).hidden_states[-2])
   features, _ = tower(jnp.asarray(pixels[0]))
   np.testing.assert_allclose(np.asarray(features), ref[:, 1:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.5])
+def test_position_embeddings_start_at_the_configured_scale(std):
+  """`init_position_std` sets the position embeddings' initial spread (CLIP's 0.02 by
+  default; the demo's from-scratch tower starts them larger) and nothing else."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.config import LoRAConfig, VisionConfig  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.models.vision import VisionTower  # pylint: disable=g-import-not-at-top
+  cfg = VisionConfig(image_size=64, patch_size=4, hidden_size=64, intermediate_size=128,
+                     num_layers=1, num_heads=4, init_position_std=std)
+  tower = VisionTower(cfg, LoRAConfig(rank=0), rngs=nnx.Rngs(0))
+  position = np.asarray(tower.position_embedding[...])
+  assert position.shape == (257, 64)
+  assert float(position.std()) == pytest.approx(std, rel=0.05)
+  assert float(np.asarray(tower.class_embedding[...]).std()) == pytest.approx(0.02, rel=0.3)

@@ -75,7 +75,9 @@ class VisionTower(nnx.Module):
     self.patch_embedding = L.param(init(rngs.params(), (p, p, c, d), param_dtype),
                                    (None, None, "channels", "vision_embed"))
     self.class_embedding = L.param(init(rngs.params(), (d,), param_dtype), ("vision_embed",))
-    self.position_embedding = L.param(init(rngs.params(), (cfg.num_patches + 1, d), param_dtype),
+    position_init = jax.nn.initializers.normal(stddev=cfg.init_position_std)
+    self.position_embedding = L.param(position_init(rngs.params(), (cfg.num_patches + 1, d),
+                                                    param_dtype),
                                       (None, "vision_embed"))
     self.pre_layrnorm = L.LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="vision_embed",
                                     param_dtype=param_dtype)

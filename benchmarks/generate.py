@@ -3,8 +3,9 @@
     python benchmarks/generate.py [--repeats 3] [--batches 1 8] [--layers 8]
 
 A mid-size random LLaMA (width 1024, 8 layers, 16 heads, MLP 2816, vocab 32000, fp32),
-prompts of 32 tokens, 128 new tokens (no row stops early). Runs alternate between the two
-implementations and report medians. Decoding one token at batch 1 reads every weight once,
+prompts of 32 tokens, 128 new tokens (no row stops early). Each implementation runs in a
+worker process of its own (`ab.py`: two frameworks' thread pools in one process slow each
+other down); runs alternate between the two and report medians. Decoding one token at batch 1 reads every weight once,
 so the effective weight-read rate per decode step is compared with the machine's memory
 bandwidth, measured here with a large numpy copy. Report the load average with the numbers:
 the machine may be shared.
@@ -13,6 +14,7 @@ the machine may be shared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -56,20 +58,60 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
   return 2 * src.nbytes / copy, src.nbytes / read
 
 
-def build_models(args, directory: str):
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from sqllava_jax.convert.hf import llama_from_hf  # pylint: disable=g-import-not-at-top
-  cfg = transformers.LlamaConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
-      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-      num_key_value_heads=args.heads, max_position_embeddings=2048, tie_word_embeddings=False,
-      bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(cfg).eval()
-  hf.save_pretrained(directory)
-  hf.generation_config.eos_token_id = None  # every run generates exactly `--new` tokens
-  return hf, llama_from_hf(directory)
+class HFWorker:
+  """The transformers model, built from a seeded random init and saved to `directory` (ours
+  loads it from there), served by `ab.Side` in a process of its own."""
+
+  def __init__(self, args, directory: str):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    self.hf = transformers.LlamaForCausalLM(cfg).eval()
+    self.hf.save_pretrained(directory)
+    self.hf.generation_config.eos_token_id = None  # every run generates exactly `new` tokens
+    self.header = f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+
+  def info(self) -> dict:
+    return {"header": self.header}
+
+  def run(self, prompts, new: int) -> float:
+    import torch  # pylint: disable=g-import-not-at-top
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.no_grad():
+      out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new, out.shape
+    return elapsed
+
+
+class OursWorker:
+  """Our model imported from the transformers directory, with the memory-bandwidth probe."""
+
+  def __init__(self, directory: str):
+    import jax  # pylint: disable=g-import-not-at-top
+    from sqllava_jax.convert.hf import llama_from_hf  # pylint: disable=g-import-not-at-top
+    from sqllava_jax.evaluation.generate import Generator  # pylint: disable=g-import-not-at-top
+    self.generator = Generator(llama_from_hf(directory), eos_id=-1, pad_id=0)  # never stops
+    self.bandwidth = memory_bandwidth()
+    self.header = f"jax {jax.__version__} on {jax.devices()[0].platform}"
+
+  def info(self) -> dict:
+    return {"header": self.header, "bandwidth": self.bandwidth}
+
+  def run(self, prompts, new: int) -> float:
+    start = time.perf_counter()
+    out = self.generator.generate(prompts, max_new_tokens=new)
+    elapsed = time.perf_counter() - start
+    assert int(out.num_new.min()) == new, out.num_new
+    return elapsed
 
 
 def weight_bytes_per_step(args) -> int:
@@ -80,46 +122,16 @@ def weight_bytes_per_step(args) -> int:
   return 4 * (args.layers * per_layer + d + d * args.vocab)
 
 
-def ours_runner(model, prompts):
-  from sqllava_jax.evaluation.generate import Generator  # pylint: disable=g-import-not-at-top
-  gen = Generator(model, eos_id=-1, pad_id=0)  # no token is -1: rows never stop early
-
-  def run(new: int) -> float:
-    start = time.perf_counter()
-    out = gen.generate(prompts, max_new_tokens=new)
-    elapsed = time.perf_counter() - start
-    assert int(out.num_new.min()) == new, out.num_new
-    return elapsed
-
-  return run
-
-
-def hf_runner(hf, prompts):
-  import torch  # pylint: disable=g-import-not-at-top
-  ids = torch.tensor(prompts)
-
-  def run(new: int) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-      out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                        min_new_tokens=new, do_sample=False, pad_token_id=0)
-    elapsed = time.perf_counter() - start
-    assert out.shape[1] == ids.shape[1] + new, out.shape
-    return elapsed
-
-  return run
-
-
-def measure(runners: dict, args) -> dict:
+def measure(sides: list, prompts, args) -> dict:
   """{name: (seconds for `--new` tokens, prefill seconds)} as lists over repeats; the
   implementations alternate, so load from elsewhere hits both alike."""
-  for run in runners.values():  # compile / warm up both lengths
-    run(args.new), run(1)
-  times = {name: ([], []) for name in runners}
+  for side in sides:  # compile / warm up both lengths
+    side.call("run", prompts, args.new), side.call("run", prompts, 1)
+  times = {side.name: ([], []) for side in sides}
   for _ in range(args.repeats):
-    for name, run in runners.items():
-      times[name][0].append(run(args.new))
-      times[name][1].append(run(1))
+    for side in sides:
+      times[side.name][0].append(side.call("run", prompts, args.new))
+      times[side.name][1].append(side.call("run", prompts, 1))
   return times
 
 
@@ -141,25 +153,29 @@ def report(batch: int, times: dict, args, bandwidth: float) -> None:
 
 
 def main() -> None:
+  import ab  # pylint: disable=g-import-not-at-top
   args = parse_args()
-  import jax  # pylint: disable=g-import-not-at-top
-  print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs, jax {jax.__version__} on "
-        f"{jax.devices()[0].platform}")
-  copy, read = memory_bandwidth()
-  bandwidth = max(copy, read)
-  print(f"memory bandwidth: numpy copy (read + write) {copy / 1e9:.1f} GB/s, jitted sum (read) "
-        f"{read / 1e9:.1f} GB/s; weights read per decode step: "
-        f"{weight_bytes_per_step(args) / 1e6:.0f} MB")
-  with tempfile.TemporaryDirectory() as directory:
-    hf, ours = build_models(args, directory)
-  rng = np.random.default_rng(0)
-  for batch in args.batches:
-    prompts = rng.integers(3, args.vocab, size=(batch, args.prompt)).tolist()
-    runners = {"sqllava-jax": ours_runner(ours, prompts)}
-    if not args.skip_hf:
-      runners["transformers"] = hf_runner(hf, prompts)
-    report(batch, measure(runners, args), args, bandwidth)
-    print(f"load average now {os.getloadavg()}", flush=True)
+  print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs; each implementation in its "
+        f"own process")
+  with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
+    hf = stack.enter_context(ab.Side("transformers", HFWorker, args, directory))
+    ours = stack.enter_context(ab.Side("sqllava-jax", OursWorker, directory))
+    sides = [ours]
+    if args.skip_hf:
+      hf.close()
+    else:
+      sides.append(hf)
+    copy, read = ours.info["bandwidth"]
+    bandwidth = max(copy, read)
+    print(f"{ours.info['header']}; {hf.info['header']}")
+    print(f"memory bandwidth: numpy copy (read + write) {copy / 1e9:.1f} GB/s, jitted sum "
+          f"(read) {read / 1e9:.1f} GB/s; weights read per decode step: "
+          f"{weight_bytes_per_step(args) / 1e6:.0f} MB")
+    rng = np.random.default_rng(0)
+    for batch in args.batches:
+      prompts = rng.integers(3, args.vocab, size=(batch, args.prompt)).tolist()
+      report(batch, measure(sides, prompts, args), args, bandwidth)
+      print(f"load average now {os.getloadavg()}", flush=True)
   print(f"load average after: {os.getloadavg()}")
 
 

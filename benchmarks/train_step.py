@@ -34,6 +34,7 @@ import dataclasses
 import os
 import statistics
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -138,12 +139,28 @@ class Ours:
     return parts, flops.total(parts)
 
 
-class OursWorker:
-  """`Ours` as `ab.Side` serves it: FLOPs and versions in `info`, timed steps, a JAX probe."""
+class Worker:
+  """One side as `ab.Side` serves it: `step()` -> loss and `probe()` -> matmul seconds,
+  set by the subclass."""
+  step: Callable[[], float]
+  probe: Callable[[], float]
+
+  def timed_step(self) -> tuple[float, float]:
+    """(seconds, loss) of one step."""
+    start = time.perf_counter()
+    loss = self.step()
+    return time.perf_counter() - start, loss
+
+  def matmul_rate(self) -> float:
+    return matmul_flops() / self.probe()
+
+
+class OursWorker(Worker):
+  """`Ours`, with FLOPs and versions in `info` and a JAX probe."""
 
   def __init__(self, s: Shapes, attention: str, chunk: int):
     import jax  # pylint: disable=g-import-not-at-top
-    self.ours = Ours(s, attention, chunk)
+    self.ours = self.step = Ours(s, attention, chunk)
     self.probe = jax_matmul_probe()
     self.shapes = s
     self.header = (f"jax {jax.__version__} ({jax.devices()[0].platform}, "
@@ -152,15 +169,8 @@ class OursWorker:
   def info(self) -> dict:
     parts, total = self.ours.model_flops(self.shapes)
     return {"header": self.header, "compile_seconds": self.ours.compile_seconds,
-            "image_token_id": self.ours.cfg.model.image_token_id,
             "parts": {k: v.total for k, v in parts.items()},
             "total": {**dataclasses.asdict(total), "total": total.total}}
-
-  def timed_step(self) -> tuple[float, float]:
-    return timed(self.ours)
-
-  def matmul_rate(self) -> float:
-    return matmul_flops() / self.probe()
 
 
 # --- the PyTorch reference ---------------------------------------------------------------------
@@ -260,23 +270,17 @@ class Reference:
     return sum(p.numel() for p in self.params)
 
 
-class ReferenceWorker:
-  """`Reference` as `ab.Side` serves it, with a torch probe."""
+class ReferenceWorker(Worker):
+  """`Reference`, with a torch probe."""
 
   def __init__(self, s: Shapes, image_token_id: int):
     import torch  # pylint: disable=g-import-not-at-top
-    self.reference = Reference(s, image_token_id)
+    self.reference = self.step = Reference(s, image_token_id)
     self.probe = torch_matmul_probe()
     self.header = f"torch {torch.__version__} with {torch.get_num_threads()} intra-op threads"
 
   def info(self) -> dict:
     return {"header": self.header, "trainable": self.reference.trainable_count()}
-
-  def timed_step(self) -> tuple[float, float]:
-    return timed(self.reference)
-
-  def matmul_rate(self) -> float:
-    return matmul_flops() / self.probe()
 
 
 # --- the practical limit: fp32 matmul ---------------------------------------------------------
@@ -312,13 +316,6 @@ def torch_matmul_probe():
   a, b = (torch.from_numpy(x) for x in _probe_operands())
   torch.matmul(a, b)
   return lambda: _median_seconds(lambda: torch.matmul(a, b))
-
-
-def timed(step) -> tuple[float, float]:
-  """(seconds, loss) of one call of `step`, which returns the loss as a Python float."""
-  start = time.perf_counter()
-  loss = step()
-  return time.perf_counter() - start, loss
 
 
 def matmul_flops() -> float:

@@ -1,6 +1,7 @@
 """Sequence packing: packed rows hold whole examples (own positions, own images), train
 exactly like the same examples one at a time, resume exactly, and still count bad records."""
 
+import functools
 import json
 
 import jax
@@ -67,19 +68,26 @@ def test_packed_rows_hold_whole_examples(packed):
                            cfg.model.image_token_id)
 
 
-def _alone(cfg, builder, index):
-  """The example as a batch of its own: one right-padded row, one image."""
+def _alone(cfg, builder, index, length):
+  """The example as a batch of its own: one row right-padded to `length` (one shape for
+  every example, so the loss compiles once), one image."""
   ex = builder(index)
-  return collate([ex], batch_size=1, length=len(ex["input_ids"]) + 3,
+  assert len(ex["input_ids"]) < length
+  return collate([ex], batch_size=1, length=length,
                  image_size=cfg.model.vision.image_size, pad_id=builder.tokenizer.pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "packed"))
+def _value_and_grad(graphdef, params, arrays, *, packed):
+  fn = lambda p: forward_loss(graphdef, p, arrays, None, 7, packed=packed)
+  return jax.value_and_grad(fn, has_aux=True)(params)
 
 
 def _loss_and_grads(graphdef, params, batch, *, packed):
   """(sum of token losses, trained tokens, gradient of the sum) of one batch."""
   keys = ("input_ids", "labels", "positions", "segment_ids", "pixel_values")
   arrays = {k: jnp.asarray(batch[k]) for k in keys}
-  fn = lambda p: forward_loss(graphdef, p, arrays, None, 7, packed=packed)
-  (total, count), grads = jax.value_and_grad(fn, has_aux=True)(params)
+  (total, count), grads = _value_and_grad(graphdef, params, arrays, packed=packed)
   return float(total), float(count), grads
 
 
@@ -92,7 +100,8 @@ def test_packed_loss_equals_the_examples_one_at_a_time(packed, impl):
   params = jax.tree.map(lambda p: p + 0.01 * jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(
       p.shape), nnx.to_pure_dict(state))
   total, count, grads = _loss_and_grads(graphdef, params, batch, packed=True)
-  alone = [_loss_and_grads(graphdef, params, _alone(cfg, builder, index), packed=False)
+  length = batch["input_ids"].shape[1] + 3
+  alone = [_loss_and_grads(graphdef, params, _alone(cfg, builder, index, length), packed=False)
            for row in range(2) for _, index in segments(batch, row)]
   assert count == sum(c for _, c, _ in alone)
   # The loss is normalised over trained tokens: the packed mean is the token-weighted mean.

@@ -5,10 +5,10 @@
 A mid-size random LLaMA (width 1024, 8 layers, 16 heads, MLP 2816, vocab 32000, fp32),
 prompts of 32 tokens, 128 new tokens (no row stops early). Each implementation runs in a
 worker process of its own (`ab.py`: two frameworks' thread pools in one process slow each
-other down); runs alternate between the two and report medians. Decoding one token at batch 1 reads every weight once,
-so the effective weight-read rate per decode step is compared with the machine's memory
-bandwidth, measured here with a large numpy copy. Report the load average with the numbers:
-the machine may be shared.
+other down); runs alternate between the two and report medians. Decoding one token at
+batch 1 reads every weight once, so the effective weight-read rate per decode step is
+compared with the machine's memory bandwidth, measured here with a large numpy copy and a
+jitted sum. Report the load average with the numbers: the machine may be shared.
 """
 
 from __future__ import annotations

@@ -81,23 +81,56 @@ def test_conversations_answer_from_the_scene(made):
              for r in stage1)
 
 
-def test_stage0_adds_a_grid_description_and_an_asked_question_per_image(made):
+def _listed_cells(listing: str) -> dict[str, list[str]]:
+  prefix = f"{synthetic.GRID_PREFIX} "
+  assert listing.startswith(prefix) and listing.endswith("."), listing
+  cells = [c.split(" ") for c in listing[len(prefix):-1].split(", ")]
+  return {c[0]: c[1:] for c in cells}
+
+
+def test_stage0_restates_answers_lists_the_grid_and_asks_a_question_per_image(made):
   a = made[0]
   stage2 = json.load(open(a.json(2, "train")))
   stage0 = json.load(open(a.json(0, "train")))
-  assert stage0[:len(stage2)] == stage2 and len(stage0) == 2 * len(stage2)
+  assert len(stage0) == 2 * len(stage2)
+  for qa, restated in zip(stage2, stage0):
+    assert {k: v for k, v in restated.items() if k != "conversations"} == \
+        {k: v for k, v in qa.items() if k != "conversations"}
+    turns, turns0 = qa["conversations"], restated["conversations"]
+    assert [t["from"] for t in turns0] == [t["from"] for t in turns]
+    for q, ans, q0, ans0 in zip(turns[::2], turns[1::2], turns0[::2], turns0[1::2]):
+      assert q0 == q
+      parsed = synthetic.parse_question(q["value"].replace("<image>\n", ""))
+      if parsed is None:  # the description request, answered with the caption
+        assert ans0 == ans
+        continue
+      qtype, slots = parsed
+      # colour, shape: the position first; position: colour and shape first; count: as is.
+      assert ans0["value"].split(" ") == [*slots, ans["value"]], (qtype, q, ans0)
+  orders = set()
   for qa, grid in zip(stage2, stage0[len(stage2):]):
     assert grid["image"] == qa["image"] and grid["scene"] == qa["scene"]
     human, gpt, ask, asked = grid["conversations"]
     assert human["value"] == f"<image>\n{synthetic.GRID_QUESTION}"
     assert ask["value"] == synthetic.ASK_REQUEST and ask["from"] == "human"
-    assert synthetic.question_is_valid(asked["value"], Scene.from_json(grid["scene"]))
-    cells = dict(c.split(": ") for c in gpt["value"].rstrip(".").split(", "))
     scene = Scene.from_json(grid["scene"])
-    assert list(cells) == list(synthetic.POSITIONS)
-    for position, said in cells.items():
+    assert synthetic.question_is_valid(asked["value"], scene)
+    cells = _listed_cells(gpt["value"])
+    assert sorted(cells) == sorted(synthetic.POSITIONS)
+    for position, words in cells.items():
       o = scene.at(position)
-      assert said == (f"a {o.color} {o.shape}" if o else "nothing")
+      assert sorted(words) == (sorted([o.color, o.shape]) if o else ["nothing"]), gpt["value"]
+    orders.add(tuple(cells))
+  assert len(orders) > 6  # the cells come in a random order
+
+
+def test_restated_answer_keeps_what_is_outside_the_grammar():
+  assert synthetic.restated_answer("What color is the shape at the top-left?", "red") == \
+      "top-left red"
+  assert synthetic.restated_answer("Where is the blue square?", "bottom-right") == \
+      "blue square bottom-right"
+  assert synthetic.restated_answer("How many shapes are there?", "two") == "two"
+  assert synthetic.restated_answer(synthetic.DESCRIBE_QUESTION, "a caption.") == "a caption."
 
 
 def test_vqa_items_cover_every_question_type(made):
@@ -138,8 +171,11 @@ def test_tokenizer_has_llama_layout_and_whole_role_tags(made):
   tok = Tokenizer(made[0].tokenizer)
   assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
   assert tok.vocab_size <= 512
-  for word in ("ASSISTANT", "VUSER", "USER", "circle", "triangle"):
+  for word in ("ASSISTANT", "VUSER", "USER", "circle", "triangle", *synthetic.POSITIONS):
     assert len(tok.encode(word)) == 1, (word, tok.pieces(tok.encode(word)))
+  for text in ("What shape is at the top-left?", "The cells: bottom-right nothing"):
+    pieces = tok.pieces(tok.encode(text))
+    assert any(p.endswith(("top-left", "bottom-right")) for p in pieces), pieces
 
 
 def test_ensure_dataset_reuses_and_refuses_other_parameters(tmp_path):

@@ -74,39 +74,33 @@ def test_conversations_answer_from_the_scene(made):
         assert ans["value"] == synthetic.caption(scene)
         continue
       assert synthetic.question_is_valid(question, scene)
-      assert synthetic.answer_question(question, scene) == ans["value"]
-      assert len(ans["value"].split()) == 1
+      assert synthetic.answer_text(question, scene) == ans["value"]
+      # What the question names, then the single-word answer from the scene.
+      *restated, answer = ans["value"].split(" ")
+      assert answer == synthetic.answer_question(question, scene)
+      assert all(word in question for word in restated), (question, ans)
   stage1 = json.load(open(a.json(1, "train")))
   assert all(r["conversations"][1]["value"] == synthetic.caption(Scene.from_json(r["scene"]))
              for r in stage1)
 
 
 def _listed_cells(listing: str) -> dict[str, list[str]]:
+  """{position: the other words of its item} of a grid listing."""
   prefix = f"{synthetic.GRID_PREFIX} "
   assert listing.startswith(prefix) and listing.endswith("."), listing
-  cells = [c.split(" ") for c in listing[len(prefix):-1].split(", ")]
-  return {c[0]: c[1:] for c in cells}
+  cells = {}
+  for item in listing[len(prefix):-1].split(", "):
+    words = item.split(" ")
+    assert words[0] in synthetic.POSITIONS, item
+    cells[words[0]] = words[1:]
+  return cells
 
 
-def test_stage0_restates_answers_lists_the_grid_and_asks_a_question_per_image(made):
+def test_stage0_adds_a_grid_listing_and_an_asked_question_per_image(made):
   a = made[0]
   stage2 = json.load(open(a.json(2, "train")))
   stage0 = json.load(open(a.json(0, "train")))
-  assert len(stage0) == 2 * len(stage2)
-  for qa, restated in zip(stage2, stage0):
-    assert {k: v for k, v in restated.items() if k != "conversations"} == \
-        {k: v for k, v in qa.items() if k != "conversations"}
-    turns, turns0 = qa["conversations"], restated["conversations"]
-    assert [t["from"] for t in turns0] == [t["from"] for t in turns]
-    for q, ans, q0, ans0 in zip(turns[::2], turns[1::2], turns0[::2], turns0[1::2]):
-      assert q0 == q
-      parsed = synthetic.parse_question(q["value"].replace("<image>\n", ""))
-      if parsed is None:  # the description request, answered with the caption
-        assert ans0 == ans
-        continue
-      qtype, slots = parsed
-      # colour, shape: the position first; position: colour and shape first; count: as is.
-      assert ans0["value"].split(" ") == [*slots, ans["value"]], (qtype, q, ans0)
+  assert stage0[:len(stage2)] == stage2 and len(stage0) == 2 * len(stage2)
   orders = set()
   for qa, grid in zip(stage2, stage0[len(stage2):]):
     assert grid["image"] == qa["image"] and grid["scene"] == qa["scene"]
@@ -137,9 +131,11 @@ def test_vqa_items_cover_every_question_type(made):
   items = synthetic.load_vqa(made[0].root, "eval")
   assert {i.question_type for i in items} == set(synthetic.QUESTION_TYPES)
   for item in items:
-    assert synthetic.answer_question(item.question, item.scene) == item.answer
+    assert synthetic.answer_text(item.question, item.scene) == item.answer
     assert synthetic.is_correct(f" {item.answer.upper()}. ", item.answer)
   assert not synthetic.is_correct("blue", "red")
+  assert not synthetic.is_correct("red", "top-left red")
+  assert not synthetic.is_correct("top-right red", "top-left red")
   scenes = synthetic.load_scenes(made[0].root, "eval")
   assert len(scenes) == 30 and all(isinstance(s, Scene) for _, _, s in scenes)
   assert synthetic.CHANCE == {"color": 0.25, "shape": 1 / 3, "count": 0.25, "position": 0.25}

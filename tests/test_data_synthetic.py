@@ -167,8 +167,11 @@ def test_tokenizer_has_llama_layout_and_whole_role_tags(made):
   tok = Tokenizer(made[0].tokenizer)
   assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
   assert tok.vocab_size <= 512
-  for word in ("ASSISTANT", "VUSER", "USER", "circle", "triangle"):
+  for word in ("ASSISTANT", "VUSER", "USER", "circle", "triangle", *synthetic.POSITIONS):
     assert len(tok.encode(word)) == 1, (word, tok.pieces(tok.encode(word)))
+  for text in ("What shape is at the top-left?", "The cells: bottom-right nothing"):
+    pieces = tok.pieces(tok.encode(text))
+    assert any(p.endswith(("top-left", "bottom-right")) for p in pieces), pieces
 
 
 def test_ensure_dataset_reuses_and_refuses_other_parameters(tmp_path):

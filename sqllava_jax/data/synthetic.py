@@ -410,7 +410,8 @@ def corpus(stage1: Sequence[dict], stage2: Sequence[dict]) -> list[str]:
 
 def train_tokenizer(lines: Sequence[str], model_path: str, *, vocab_size: int = 512) -> str:
   """Trains a byte-fallback BPE SentencePiece model in LLaMA's layout (unk 0, bos 1, eos 2,
-  no pad, dummy prefix, no whitespace normalisation) and writes it to `model_path`."""
+  no pad, dummy prefix, no whitespace normalisation) and writes it to `model_path`. Each
+  position name (' top-left') is one piece, so a cell is one token to copy and look up."""
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
@@ -418,6 +419,7 @@ def train_tokenizer(lines: Sequence[str], model_path: str, *, vocab_size: int = 
       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
       add_dummy_prefix=True, remove_extra_whitespaces=False,
       allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
+      user_defined_symbols=[f"\u2581{p}" for p in POSITIONS],
       shuffle_input_sentence=False, minloglevel=2)
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
   with open(model_path, "wb") as f:

@@ -18,11 +18,11 @@ Why the answers restate: a single-word answer needs two steps at once (carry the
 word to the answer, look its cell up in the image), and a model trained from nothing does
 not find them in the demo's budget: it names a colour of the image, any cell. The restated
 answer and the listing teach each step on its own (copy the word; from a cell's name, its
-content). The listing starts with "The cells:" so that an answer never starts like a
-listing. The asked question stands in for what a pretrained LLM brings: words it can say.
-Without it the question words ("What", "How", "?") only ever appear in unlabelled USER
-turns, stage 0 teaches the output layer never to emit them, and stage 2 (output layer
-frozen, LoRA only) cannot learn to ask.
+content). The listing starts with "The cells:" so that an
+answer never starts like a listing. The asked question stands in for what a pretrained LLM
+brings: words it can say. Without it the question words ("What", "How", "?") only ever
+appear in unlabelled USER turns, stage 0 teaches the output layer never to emit them, and
+stage 2 (output layer frozen, LoRA only) cannot learn to ask.
 
 Every record carries its `scene`, so evaluation can score answers (`answer_text`, exact
 match of the whole restated answer) and self-asked questions (`question_is_valid`). The

@@ -74,39 +74,68 @@ def test_conversations_answer_from_the_scene(made):
         assert ans["value"] == synthetic.caption(scene)
         continue
       assert synthetic.question_is_valid(question, scene)
-      assert synthetic.answer_question(question, scene) == ans["value"]
-      assert len(ans["value"].split()) == 1
+      assert synthetic.answer_text(question, scene) == ans["value"]
+      # What the question names, then the single-word answer from the scene.
+      *restated, answer = ans["value"].split(" ")
+      assert answer == synthetic.answer_question(question, scene)
+      assert all(word in question for word in restated), (question, ans)
   stage1 = json.load(open(a.json(1, "train")))
   assert all(r["conversations"][1]["value"] == synthetic.caption(Scene.from_json(r["scene"]))
              for r in stage1)
 
 
-def test_stage0_adds_a_grid_description_and_an_asked_question_per_image(made):
+def _listed_cells(listing: str) -> dict[str, list[str]]:
+  """{position: the other words of its item} of a grid listing."""
+  prefix = f"{synthetic.GRID_PREFIX} "
+  assert listing.startswith(prefix) and listing.endswith("."), listing
+  cells = {}
+  for item in listing[len(prefix):-1].split(", "):
+    words = item.split(" ")
+    assert words[0] in synthetic.POSITIONS, item
+    cells[words[0]] = words[1:]
+  return cells
+
+
+def test_stage0_adds_a_grid_listing_and_an_asked_question_per_image(made):
   a = made[0]
   stage2 = json.load(open(a.json(2, "train")))
   stage0 = json.load(open(a.json(0, "train")))
   assert stage0[:len(stage2)] == stage2 and len(stage0) == 2 * len(stage2)
+  orders = set()
   for qa, grid in zip(stage2, stage0[len(stage2):]):
     assert grid["image"] == qa["image"] and grid["scene"] == qa["scene"]
     human, gpt, ask, asked = grid["conversations"]
     assert human["value"] == f"<image>\n{synthetic.GRID_QUESTION}"
     assert ask["value"] == synthetic.ASK_REQUEST and ask["from"] == "human"
-    assert synthetic.question_is_valid(asked["value"], Scene.from_json(grid["scene"]))
-    cells = dict(c.split(": ") for c in gpt["value"].rstrip(".").split(", "))
     scene = Scene.from_json(grid["scene"])
-    assert list(cells) == list(synthetic.POSITIONS)
-    for position, said in cells.items():
+    assert synthetic.question_is_valid(asked["value"], scene)
+    cells = _listed_cells(gpt["value"])
+    assert sorted(cells) == sorted(synthetic.POSITIONS)
+    for position, words in cells.items():
       o = scene.at(position)
-      assert said == (f"a {o.color} {o.shape}" if o else "nothing")
+      assert sorted(words) == (sorted([o.color, o.shape]) if o else ["nothing"]), gpt["value"]
+    orders.add(tuple(cells))
+  assert len(orders) > 6  # the cells come in a random order
+
+
+def test_restated_answer_keeps_what_is_outside_the_grammar():
+  assert synthetic.restated_answer("What color is the shape at the top-left?", "red") == \
+      "top-left red"
+  assert synthetic.restated_answer("Where is the blue square?", "bottom-right") == \
+      "blue square bottom-right"
+  assert synthetic.restated_answer("How many shapes are there?", "two") == "two"
+  assert synthetic.restated_answer(synthetic.DESCRIBE_QUESTION, "a caption.") == "a caption."
 
 
 def test_vqa_items_cover_every_question_type(made):
   items = synthetic.load_vqa(made[0].root, "eval")
   assert {i.question_type for i in items} == set(synthetic.QUESTION_TYPES)
   for item in items:
-    assert synthetic.answer_question(item.question, item.scene) == item.answer
+    assert synthetic.answer_text(item.question, item.scene) == item.answer
     assert synthetic.is_correct(f" {item.answer.upper()}. ", item.answer)
   assert not synthetic.is_correct("blue", "red")
+  assert not synthetic.is_correct("red", "top-left red")
+  assert not synthetic.is_correct("top-right red", "top-left red")
   scenes = synthetic.load_scenes(made[0].root, "eval")
   assert len(scenes) == 30 and all(isinstance(s, Scene) for _, _, s in scenes)
   assert synthetic.CHANCE == {"color": 0.25, "shape": 1 / 3, "count": 0.25, "position": 0.25}
@@ -138,8 +167,11 @@ def test_tokenizer_has_llama_layout_and_whole_role_tags(made):
   tok = Tokenizer(made[0].tokenizer)
   assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
   assert tok.vocab_size <= 512
-  for word in ("ASSISTANT", "VUSER", "USER", "circle", "triangle"):
+  for word in ("ASSISTANT", "VUSER", "USER", "circle", "triangle", *synthetic.POSITIONS):
     assert len(tok.encode(word)) == 1, (word, tok.pieces(tok.encode(word)))
+  for text in ("What shape is at the top-left?", "The cells: bottom-right nothing"):
+    pieces = tok.pieces(tok.encode(text))
+    assert any(p.endswith(("top-left", "bottom-right")) for p in pieces), pieces
 
 
 def test_ensure_dataset_reuses_and_refuses_other_parameters(tmp_path):

@@ -97,7 +97,7 @@ def test_fast_demo_stages_chain_and_freeze(fast_demo):
   for k in bases:  # frozen in stages 1 and 2: the stage-0 weights, bit for bit
     np.testing.assert_array_equal(p1[k], p0[k], err_msg=k)
     np.testing.assert_array_equal(p2[k], p0[k], err_msg=k)
-  # Stage 1 starts a fresh projector and trains it; stage 2 adds LLM adapters.
+  # Stage 1 trains the projector further; stage 2 adds LLM adapters.
   proj = [k for k in p0 if k.startswith("projector/") and p0[k].size > 1]
   assert any(not np.array_equal(p1[k], p0[k]) for k in proj)
   assert not any(k.startswith("llm/") and "lora" in k for k in p1)

@@ -36,7 +36,7 @@ class EvalPlan:
   sq_images: int = 100
   sq_questions_per_image: int = 2
   batch_size: int = 64
-  answer_tokens: int = 8        # the longest answer, "bottom-right</s>", is 4 tokens
+  answer_tokens: int = 8        # the longest answer, "yellow triangle bottom-right</s>", is 4 tokens
   describe_tokens: int = 64     # the longest caption is about 45 tokens
   question_tokens: int = 24     # the longest question is about 12 tokens
   ask_questions: int = 3
@@ -74,13 +74,14 @@ def answer_accuracy(engine: Engine, cfg, data_dir: str, out_dir: str, plan: Eval
 
 
 def baselines(questions: list[dict]) -> dict:
-  """What guessing scores on these questions: `chance`, a uniform guess among the answers
-  of each type (`synthetic.CHANCE`), and `constant`, always giving the most frequent gold
-  answer of each type, the best any image-blind answer can do (held-out scenes are
-  skewed towards three and four shapes, since the few small scenes all occur in training)."""
+  """What guessing scores on these questions: `chance`, restating the question and guessing
+  uniformly among the answers of its type (`synthetic.CHANCE`), and `constant`, restating it
+  and always giving the most frequent gold answer of its type, the best any image-blind
+  answer can do (held-out scenes are skewed towards three and four shapes, since the few
+  small scenes all occur in training)."""
   by_type = collections.defaultdict(collections.Counter)
   for q in questions:
-    by_type[q["question_type"]][q["answer"]] += 1
+    by_type[q["question_type"]][q["answer"].split()[-1]] += 1
   n = len(questions)
   constant = {t: c.most_common(1)[0][1] / sum(c.values()) for t, c in by_type.items()}
   return {"chance": sum(synthetic.CHANCE[t] * sum(c.values()) for t, c in by_type.items()) / n,
@@ -114,7 +115,7 @@ def ask_one(engine: Engine, cfg, data_dir: str, plan: EvalPlan, index: int = 0) 
                            answer=True, seed=plan.seed)
   turns = []
   for q, a in zip(result.questions, result.answers):
-    gold: Optional[str] = synthetic.answer_question(q, scene)
+    gold: Optional[str] = synthetic.answer_text(q, scene)
     turns.append({"question": q, "answer": a, "valid": gold is not None, "gold": gold,
                   "correct": gold is not None and synthetic.is_correct(a, gold)})
   return {"image": path, "scene": synthetic.caption(scene), "description": result.description,

@@ -1,7 +1,8 @@
 """Every task `eval` scores: the benchmark metrics of `metrics.score` plus the synthetic set's.
 
 - `synthetic_vqa`: exact match (case, whitespace and a final full stop ignored) against the
-  generator's gold single-word answers, overall and per question type.
+  generator's gold answers (what the question names, then the answer: `top-left red`),
+  overall and per question type.
 - `synthetic_sq`: of the questions the model asked about each image (self-questioning), the
   fraction that are well-formed questions of the set's grammar about objects actually in
   the image (`synthetic.question_is_valid`).

@@ -78,7 +78,8 @@ def test_conversations_answer_from_the_scene(made):
       # What the question names, then the single-word answer from the scene.
       *restated, answer = ans["value"].split(" ")
       assert answer == synthetic.answer_question(question, scene)
-      assert all(word in question for word in restated), (question, ans)
+      _, slots = synthetic.parse_question(question)
+      assert all(word in restated for word in slots), (question, ans)
   stage1 = json.load(open(a.json(1, "train")))
   assert all(r["conversations"][1]["value"] == synthetic.caption(Scene.from_json(r["scene"]))
              for r in stage1)
@@ -96,18 +97,27 @@ def _listed_cells(listing: str) -> dict[str, list[str]]:
   return cells
 
 
-def test_stage0_adds_a_grid_listing_and_an_asked_question_per_image(made):
+def test_stage0_adds_a_position_question_a_grid_listing_and_an_asked_question(made):
   a = made[0]
   stage2 = json.load(open(a.json(2, "train")))
   stage0 = json.load(open(a.json(0, "train")))
   assert stage0[:len(stage2)] == stage2 and len(stage0) == 2 * len(stage2)
-  orders = set()
+  orders, located = set(), []
   for qa, grid in zip(stage2, stage0[len(stage2):]):
     assert grid["image"] == qa["image"] and grid["scene"] == qa["scene"]
-    human, gpt, ask, asked = grid["conversations"]
-    assert human["value"] == f"<image>\n{synthetic.GRID_QUESTION}"
-    assert ask["value"] == synthetic.ASK_REQUEST and ask["from"] == "human"
+    where, there, human, gpt, ask, asked = grid["conversations"]
     scene = Scene.from_json(grid["scene"])
+    # The position question: about a shape alone of its kind, or about one not in the image.
+    assert where["value"].startswith("<image>\n")
+    qtype, (color, shape) = synthetic.parse_question(where["value"].split("\n", 1)[1])
+    found = scene.find(color, shape)
+    assert qtype == "position" and len(found) < 2, grid
+    expected = (f"the {color} {shape} is in the {found[0].position}" if found
+                else f"the {color} {shape} is not in the image")
+    assert there["value"] == expected
+    located.append(bool(found))
+    assert human["value"] == synthetic.GRID_QUESTION
+    assert ask["value"] == synthetic.ASK_REQUEST and ask["from"] == "human"
     assert synthetic.question_is_valid(asked["value"], scene)
     cells = _listed_cells(gpt["value"])
     assert sorted(cells) == sorted(synthetic.POSITIONS)
@@ -116,13 +126,16 @@ def test_stage0_adds_a_grid_listing_and_an_asked_question_per_image(made):
       assert sorted(words) == (sorted([o.color, o.shape]) if o else ["nothing"]), gpt["value"]
     orders.add(tuple(cells))
   assert len(orders) > 6  # the cells come in a random order
+  assert 0.25 < np.mean(located) < 0.75, np.mean(located)
 
 
 def test_restated_answer_keeps_what_is_outside_the_grammar():
-  assert synthetic.restated_answer("What color is the shape at the top-left?", "red") == \
-      "top-left red"
-  assert synthetic.restated_answer("Where is the blue square?", "bottom-right") == \
-      "blue square bottom-right"
+  assert synthetic.restated_answer("What color is the shape in the northwest?", "red") == \
+      "northwest red"
+  assert synthetic.restated_answer("What shape is in the southwest?", "circle") == \
+      "southwest circle"
+  assert synthetic.restated_answer("Where is the blue square?", "southeast") == \
+      "the blue square is in the southeast"
   assert synthetic.restated_answer("How many shapes are there?", "two") == "two"
   assert synthetic.restated_answer(synthetic.DESCRIBE_QUESTION, "a caption.") == "a caption."
 
@@ -134,29 +147,29 @@ def test_vqa_items_cover_every_question_type(made):
     assert synthetic.answer_text(item.question, item.scene) == item.answer
     assert synthetic.is_correct(f" {item.answer.upper()}. ", item.answer)
   assert not synthetic.is_correct("blue", "red")
-  assert not synthetic.is_correct("red", "top-left red")
-  assert not synthetic.is_correct("top-right red", "top-left red")
+  assert not synthetic.is_correct("red", "northwest red")
+  assert not synthetic.is_correct("northeast red", "northwest red")
   scenes = synthetic.load_scenes(made[0].root, "eval")
   assert len(scenes) == 30 and all(isinstance(s, Scene) for _, _, s in scenes)
   assert synthetic.CHANCE == {"color": 0.25, "shape": 1 / 3, "count": 0.25, "position": 0.25}
 
 
-SCENE = Scene((SceneObject("red", "circle", "top-left"), SceneObject("blue", "square", "top-right"),
-               SceneObject("blue", "square", "bottom-right")))
+SCENE = Scene((SceneObject("red", "circle", "northwest"), SceneObject("blue", "square", "northeast"),
+               SceneObject("blue", "square", "southeast")))
 
 
 @pytest.mark.parametrize("question,valid,answer", [
-    ("What color is the shape at the top-left?", True, "red"),
-    ("what colour is the shape at the  top-right?", True, "blue"),
-    ("What shape is at the bottom-right?", True, "square"),
-    ("Where is the red circle?", True, "top-left"),
+    ("What color is the shape in the northwest?", True, "red"),
+    ("what colour is the shape in the  northeast?", True, "blue"),
+    ("What shape is in the southeast?", True, "square"),
+    ("Where is the red circle?", True, "northwest"),
     ("How many shapes are there?", True, "three"),
-    ("What color is the shape at the bottom-left?", False, None),  # empty cell
+    ("What color is the shape in the southwest?", False, None),  # empty cell
     ("Where is the green triangle?", False, None),  # not in the image
     ("Where is the blue square?", False, None),  # two of them: no single answer
     ("Where is the purple circle?", False, None),  # outside the vocabulary
     ("What is the meaning of this image?", False, None),
-    ("What color is the shape at the top-left", False, None),
+    ("What color is the shape in the northwest", False, None),
 ])
 def test_question_scoring(question, valid, answer):
   assert synthetic.question_is_valid(question, SCENE) is valid
@@ -169,9 +182,9 @@ def test_tokenizer_has_llama_layout_and_whole_role_tags(made):
   assert tok.vocab_size <= 512
   for word in ("ASSISTANT", "VUSER", "USER", "circle", "triangle", *synthetic.POSITIONS):
     assert len(tok.encode(word)) == 1, (word, tok.pieces(tok.encode(word)))
-  for text in ("What shape is at the top-left?", "The cells: bottom-right nothing"):
+  for text in ("What shape is in the northwest?", "The cells: southeast nothing"):
     pieces = tok.pieces(tok.encode(text))
-    assert any(p.endswith(("top-left", "bottom-right")) for p in pieces), pieces
+    assert any(p.endswith(("northwest", "southeast")) for p in pieces), pieces
 
 
 def test_ensure_dataset_reuses_and_refuses_other_parameters(tmp_path):

@@ -42,7 +42,7 @@ def cli_json(capsys, *argv):
 
 def test_generate_builds_the_vicuna_prompt_with_the_image(run, reference, capsys):
   model, cfg, tok, pixels = reference
-  q = "What shape is at the top-left?"
+  q = "What shape is in the northwest?"
   [out] = cli_json(capsys, "generate", "--ckpt", run.ckpt, "--prompt", q, "--image", run.image,
                    "--max-new-tokens", str(NEW), "--json")
   # The reference layout, written out by hand.

@@ -6,11 +6,11 @@ cell of a 2 x 2 grid, on a dark background. Records are LLaVA-format JSON:
 - stage 1 (template `plain`): `<image>` -> a caption listing every shape;
 - stage 2 (templates `vicuna_v1` / `v1_sq`): two to four questions about colour, shape,
   count and position, answered in a few words that restate what the question names before
-  the answer ("top-left red" for the colour at the top-left, "red circle top-left" for where
+  the answer ("northwest red" for the colour in the northwest, "red circle northwest" for where
   the red circle is, "three" for the count), sometimes preceded by the self-questioning
   protocol's opening question, answered with the caption;
 - stage 0 (the demo's from-scratch pretraining, `vicuna_v1`): the stage-2 records plus, per
-  image, a grid listing ("The cells: bottom-left nothing, top-left red circle, top-right
+  image, a grid listing ("The cells: southwest nothing, northwest red circle, northeast
   square blue, ..."; cells in a random order, each content right after its cell's name)
   and then a question about the image asked by the assistant.
 
@@ -56,7 +56,8 @@ from sqllava_jax.data.tokenizer import IMAGE_TOKEN
 COLORS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240),
           "yellow": (240, 210, 30)}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
+# The cells of the 2 x 2 grid, in grid order; one word each (see `train_tokenizer`).
+POSITIONS = ("northwest", "northeast", "southwest", "southeast")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("color", "shape", "count", "position")
 # Uniform-guess accuracy per question type (counts are one..four).
@@ -67,12 +68,13 @@ CAPTION_PROMPT = "Describe the image briefly."
 GRID_QUESTION = "What is in each cell of the grid?"
 GRID_PREFIX = "The cells:"
 ASK_REQUEST = "Ask a question about the image."
+ABSENT = "not in the image"
 SPLITS = ("train", "eval")
 FORMAT_VERSION = 3
 
 _QUESTION_FORMS = {
-    "color": "What color is the shape at the {position}?",
-    "shape": "What shape is at the {position}?",
+    "color": "What color is the shape in the {position}?",
+    "shape": "What shape is in the {position}?",
     "count": "How many shapes are there?",
     "position": "Where is the {color} {shape}?",
 }
@@ -87,7 +89,7 @@ class SceneObject:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-  """Shapes in grid order (top-left, top-right, bottom-left, bottom-right)."""
+  """Shapes in grid order (northwest, northeast, southwest, southeast)."""
   objects: tuple[SceneObject, ...]
 
   def at(self, position: str) -> Optional[SceneObject]:
@@ -136,18 +138,18 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Ima
 
 
 def caption(scene: Scene) -> str:
-  """'two shapes: a red circle at the top-left and a blue square at the bottom-right.'"""
-  parts = [f"a {o.color} {o.shape} at the {o.position}" for o in scene.objects]
+  """'two shapes: a red circle in the northwest and a blue square in the southeast.'"""
+  parts = [f"a {o.color} {o.shape} in the {o.position}" for o in scene.objects]
   listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
   noun = "shape" if len(parts) == 1 else "shapes"
   return f"{NUMBERS[len(parts)]} {noun}: {listed}."
 
 
 def grid_listing(scene: Scene, rng: np.random.Generator) -> str:
-  """'The cells: bottom-left nothing, top-left red circle, top-right square blue, ...': the
+  """'The cells: southwest nothing, northwest red circle, northeast square blue, ...': the
   four cells in a random order, each one's colour and shape (in a random order) right after
   its name. (Listing half the shapes after their cell's name instead, 'blue square
-  top-right', left the demo's shapes at chance: 0.32 against 0.99.)"""
+  northeast', left the demo's shapes at chance: 0.32 against 0.99.)"""
   cells = []
   for k in rng.permutation(len(POSITIONS)):
     position = POSITIONS[int(k)]
@@ -177,8 +179,8 @@ def _word(options: Iterable[str]) -> str:
 
 
 _PARSERS = {
-    "color": re.compile(r"what colou?r is the shape at the " + _word(POSITIONS) + r"\?"),
-    "shape": re.compile(r"what shape is at the " + _word(POSITIONS) + r"\?"),
+    "color": re.compile(r"what colou?r is the shape in the " + _word(POSITIONS) + r"\?"),
+    "shape": re.compile(r"what shape is in the " + _word(POSITIONS) + r"\?"),
     "count": re.compile(r"how many shapes are there\?"),
     "position": re.compile(r"where is the " + _word(COLORS) + " " + _word(SHAPES) + r"\?"),
 }
@@ -224,10 +226,17 @@ def question_is_valid(question: str, scene: Scene) -> bool:
 
 
 def restated_answer(question: str, answer: str) -> str:
-  """`answer` after the words of `question` it depends on ('top-left red', 'red circle
-  top-left'; counts stay one word); a question outside the set's grammar keeps `answer`."""
+  """`answer` after the words of `question` it depends on: 'northwest red' (colour),
+  'northwest circle' (shape), 'the red circle is in the northwest' (position; the leading
+  'the' is the word before the colour in the question, the cue that copies it); counts stay
+  one word. A question outside the set's grammar keeps `answer`."""
   parsed = parse_question(question)
-  return answer if parsed is None else " ".join((*parsed[1], answer))
+  if parsed is None:
+    return answer
+  qtype, slots = parsed
+  if qtype == "position":
+    return "the {} {} is in the {}".format(*slots, answer)
+  return " ".join((*slots, answer))
 
 
 def is_correct(prediction: str, gold: str) -> bool:
@@ -242,13 +251,36 @@ def stage1_record(rid: str, image: str, scene: Scene) -> dict:
                             {"from": "gpt", "value": caption(scene)}]}
 
 
+def locate_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+  """A position question for stage 0 and its answer: half the time about a shape that is
+  alone of its kind in the image ('the red circle is in the northwest'), otherwise about a
+  colour and shape that are not in it ('the green square is not in the image'). The absent
+  half is what makes the answer copy the question's words: when every asked shape is in the
+  image, naming any shape of the image is right often enough that the demo's model learns
+  that instead (held-out position answers named the asked shape 0.16 of the time)."""
+  present = [o for o in scene.objects if len(scene.find(o.color, o.shape)) == 1]
+  absent = [(c, s) for c in COLORS for s in SHAPES if not scene.find(c, s)]
+  if present and rng.random() < 0.5:
+    o = present[int(rng.integers(len(present)))]
+    color, shape, answer = o.color, o.shape, f"in the {o.position}"
+  else:
+    color, shape = absent[int(rng.integers(len(absent)))]
+    answer = ABSENT
+  question = _QUESTION_FORMS["position"].format(color=color, shape=shape)
+  return question, f"the {color} {shape} is {answer}"
+
+
 def grid_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
-  """A stage-0 record (`vicuna_v1`): the grid listing, then a question the assistant asks
-  about the image (one of the well-posed ones, drawn with `rng`)."""
+  """A stage-0 record (`vicuna_v1`): a position question (`locate_question`), the grid
+  listing, then a question the assistant asks about the image (one of the well-posed ones,
+  drawn with `rng`). The position question comes first, so the listing cannot answer it."""
+  located, location = locate_question(scene, rng)
   pool = questions(scene)
   asked = pool[int(rng.integers(len(pool)))][0]
   return {"id": f"{rid}-grid", "image": image, "scene": scene.to_json(),
-          "conversations": [{"from": "human", "value": f"<image>\n{GRID_QUESTION}"},
+          "conversations": [{"from": "human", "value": f"<image>\n{located}"},
+                            {"from": "gpt", "value": location},
+                            {"from": "human", "value": GRID_QUESTION},
                             {"from": "gpt", "value": grid_listing(scene, rng)},
                             {"from": "human", "value": ASK_REQUEST},
                             {"from": "gpt", "value": asked}]}
@@ -410,8 +442,11 @@ def corpus(stage1: Sequence[dict], stage2: Sequence[dict]) -> list[str]:
 
 def train_tokenizer(lines: Sequence[str], model_path: str, *, vocab_size: int = 512) -> str:
   """Trains a byte-fallback BPE SentencePiece model in LLaMA's layout (unk 0, bos 1, eos 2,
-  no pad, dummy prefix, no whitespace normalisation) and writes it to `model_path`. Each
-  position name (' top-left') is one piece, so a cell is one token to copy and look up."""
+  no pad, dummy prefix, no whitespace normalisation) and writes it to `model_path`. The
+  position names are plain words that it learns as one piece each (' northwest'), so a cell
+  is one token to copy and look up, and transformers' LLaMA tokenizer splits the text the
+  same way (hyphenated names such as 'top-left' split into three pieces; forcing them whole
+  with user-defined symbols makes the two tokenizers disagree)."""
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
@@ -419,7 +454,6 @@ def train_tokenizer(lines: Sequence[str], model_path: str, *, vocab_size: int = 
       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
       add_dummy_prefix=True, remove_extra_whitespaces=False,
       allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
-      user_defined_symbols=[f"\u2581{p}" for p in POSITIONS],
       shuffle_input_sentence=False, minloglevel=2)
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
   with open(model_path, "wb") as f:

@@ -1,7 +1,7 @@
 """Every task `eval` scores: the benchmark metrics of `metrics.score` plus the synthetic set's.
 
 - `synthetic_vqa`: exact match (case, whitespace and a final full stop ignored) against the
-  generator's gold answers (what the question names, then the answer: `top-left red`),
+  generator's gold answers (what the question names, then the answer: `northwest red`),
   overall and per question type.
 - `synthetic_sq`: of the questions the model asked about each image (self-questioning), the
   fraction that are well-formed questions of the set's grammar about objects actually in

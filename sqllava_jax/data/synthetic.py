@@ -72,7 +72,7 @@ GRID_PREFIX = "The cells:"
 ASK_REQUEST = "Ask a question about the image."
 ABSENT = "not in the image"
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 _QUESTION_FORMS = {
     "color": "What color is the shape in the {position}?",
@@ -150,8 +150,8 @@ def caption(scene: Scene) -> str:
 def grid_listing(scene: Scene, rng: np.random.Generator) -> str:
   """'The cells: southwest nothing, northwest red circle, northeast square blue, ...': the
   four cells in a random order, each one's colour and shape (in a random order) right after
-  its name. (Listing half the shapes after their cell's name instead, 'blue square
-  northeast', left the demo's shapes at chance: 0.32 against 0.99.)"""
+  its name. (Listing half the cells after their content instead, 'blue square northeast',
+  left the demo's shapes at chance: 0.32 against 0.99.)"""
   cells = []
   for k in rng.permutation(len(POSITIONS)):
     position = POSITIONS[int(k)]
@@ -229,8 +229,7 @@ def question_is_valid(question: str, scene: Scene) -> bool:
 
 def restated_answer(question: str, answer: str) -> str:
   """`answer` after the words of `question` it depends on: 'northwest red' (colour),
-  'northwest circle' (shape), 'the red circle is in the northwest' (position; the leading
-  'the' is the word before the colour in the question, the cue that copies it); counts stay
+  'northwest circle' (shape), 'the red circle is in the northwest' (position); counts stay
   one word. A question outside the set's grammar keeps `answer`."""
   parsed = parse_question(question)
   if parsed is None:
@@ -265,16 +264,14 @@ def locate_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
   image, naming any shape of the image is right often enough that the demo's model learns
   that instead (after stage 0, held-out position answers named the asked shape 0.16 of the
   time without these questions, 1.00 with them)."""
-  present = [o for o in scene.objects if len(scene.find(o.color, o.shape)) == 1]
-  absent = [(c, s) for c in COLORS for s in SHAPES if not scene.find(c, s)]
+  present = [(q, a) for q, a, t in questions(scene) if t == "position"]
   if present and rng.random() < 0.5:
-    o = present[int(rng.integers(len(present)))]
-    color, shape, answer = o.color, o.shape, f"in the {o.position}"
-  else:
-    color, shape = absent[int(rng.integers(len(absent)))]
-    answer = ABSENT
-  question = _QUESTION_FORMS["position"].format(color=color, shape=shape)
-  return question, _located(color, shape, answer)
+    question, answer = present[int(rng.integers(len(present)))]
+    return question, restated_answer(question, answer)
+  absent = [(c, s) for c in COLORS for s in SHAPES if not scene.find(c, s)]
+  color, shape = absent[int(rng.integers(len(absent)))]
+  return _QUESTION_FORMS["position"].format(color=color, shape=shape), \
+      _located(color, shape, ABSENT)
 
 
 def grid_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:

@@ -36,7 +36,8 @@ class EvalPlan:
   sq_images: int = 100
   sq_questions_per_image: int = 2
   batch_size: int = 64
-  answer_tokens: int = 12       # the longest answer, "the yellow triangle is in the southeast</s>", is 8 tokens
+  # The longest answer, "the yellow triangle is in the southeast</s>", is 8 tokens.
+  answer_tokens: int = 12
   describe_tokens: int = 64     # the longest caption is about 45 tokens
   question_tokens: int = 24     # the longest question is about 12 tokens
   ask_questions: int = 3

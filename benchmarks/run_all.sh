@@ -23,6 +23,7 @@ run train_step benchmarks/train_step.py
 run packing benchmarks/packing.py
 run generate benchmarks/generate.py
 run tiny_train_step benchmarks/tiny_train_step.py
+run demo_step benchmarks/demo_step.py
 if [[ "${1:-}" == "--gpu" ]]; then
   run accelerator_train_step benchmarks/accelerator_train_step.py
 fi

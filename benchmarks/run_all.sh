@@ -3,7 +3,7 @@
 # machine: nothing else should run meanwhile), and keeps each one's output in
 # benchmarks/logs/NAME.txt. Copy the figures into benchmarks/RESULTS.md with the date.
 #
-#   bash benchmarks/run_all.sh            # all CPU benchmarks (about 30 minutes on 2 cores)
+#   bash benchmarks/run_all.sh            # all CPU benchmarks (about 35 minutes on 2 cores)
 #   bash benchmarks/run_all.sh --gpu      # also the accelerator train step (needs a GPU/TPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."

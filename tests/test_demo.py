@@ -153,3 +153,30 @@ def test_report_keeps_model_output_on_one_table_row():
   assert rows[rows.index("|---|---|---|---|") + 1] == (
       "| What\\n\\|col\\x0bor\\x00? | re\\|d\\u2028 | no | no |")
   assert "Description (greedy): one\\nshape" in rows
+
+
+def test_a_stage_stopped_by_sigterm_stops_the_demo(monkeypatch, capsys):
+  from sqllava_jax.commands import demo as demo_command
+  from sqllava_jax.training import trainer
+
+  class Preempted:
+    def __init__(self, cfg):
+      self.cfg = cfg
+
+    def run(self):
+      return {"steps": 670, "total_steps": 1000, "stopped_early": True}
+
+  monkeypatch.setattr(trainer, "Trainer", Preempted)
+  cfg = configs.stage_config("stage0", "demo-out")
+  with pytest.raises(run.StageInterrupted, match=r"stopped at step 670 of 1000 \(SIGTERM\)"):
+    run.train_stage(cfg)
+
+  def interrupted(*args, **kwargs):
+    raise run.StageInterrupted("training in demo-out/stage0 stopped at step 3 of 9 (SIGTERM)")
+
+  monkeypatch.setattr(run, "run_demo", interrupted)
+  args = demo_command.argparse.Namespace(out="demo-out", fast=True, overwrite=False,
+                                         sq_images=None, vqa_limit=None, seed=0, overrides=[])
+  assert demo_command.run(args) == 143
+  captured = capsys.readouterr()
+  assert captured.out == "" and "stopped at step 3 of 9" in captured.err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 
 
@@ -54,7 +55,7 @@ def command_line(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
   from sqllava_jax.demo.timing import Timings
   timings = Timings()  # before the heavy imports, so that the wall time covers them
-  from sqllava_jax.demo.run import DemoOptions, run_demo
+  from sqllava_jax.demo.run import DemoOptions, StageInterrupted, run_demo
   options = DemoOptions(out=args.out, fast=args.fast, overwrite=args.overwrite,
                         overrides=tuple(args.overrides), plan=_plan(args))
   try:
@@ -64,5 +65,8 @@ def run(args: argparse.Namespace) -> int:
   except (FileExistsError, ValueError) as e:
     print(f"sqllava-jax demo: error: {e}", file=sys.stderr)
     return 2
+  except StageInterrupted as e:
+    print(f"sqllava-jax demo: stopped: {e}", file=sys.stderr)
+    return 128 + signal.SIGTERM
   print(json.dumps(summary), flush=True)
   return 0

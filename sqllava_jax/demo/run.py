@@ -55,10 +55,21 @@ def make_data(cfg) -> str:
   return paths.root
 
 
+class StageInterrupted(RuntimeError):
+  """A stage stopped before its last step (SIGTERM): the demo must not go on from it."""
+
+
 def train_stage(cfg) -> dict:
   from sqllava_jax.demo.stages import describe_stage, loss_summary
   from sqllava_jax.training.trainer import Trainer
   summary = Trainer(cfg).run()
+  if summary.get("stopped_early"):
+    # The trainer saves and returns on SIGTERM (preemption); the next stage would start
+    # from a half-trained checkpoint and the report would score it as the demo.
+    raise StageInterrupted(
+        f"training in {cfg.output_dir} stopped at step {summary['steps']} of "
+        f"{summary['total_steps']} (SIGTERM); its checkpoint is saved there, and the demo "
+        "stops instead of going on from a half-trained stage (run it again with --overwrite)")
   return {**describe_stage(cfg), **summary, **loss_summary(cfg.output_dir)}
 
 

@@ -1,5 +1,6 @@
 """Training: parameter groups, optimizer state, loss, gradients, accumulation, sharding."""
 
+import dataclasses
 import math
 
 import jax
@@ -46,6 +47,50 @@ def test_frozen_parameters_have_no_optimizer_state(tmp_path, data_dir):
     assert not any(p.endswith(name) for p in paths), f"optimizer state holds frozen {name}"
   moments = [p for p in paths if p.endswith("llm/layers/self_attn/q_proj/lora_b")]
   assert len(moments) == 2, f"expected Adam mu and nu for a LoRA weight, got {moments}"
+
+
+def newton_schulz_reference(g: np.ndarray, steps: int = 5) -> np.ndarray:
+  """Muon's orthogonalisation written out: Frobenius-normalise, then the quintic iteration
+  X <- a X + (b A + c A^2) X with A = X X^T (on the wide orientation), as modded-nanogpt."""
+  a, b, c = 3.4445, -4.775, 2.0315
+  x = g.astype(np.float64)
+  wide = x.shape[0] <= x.shape[1]
+  x = x if wide else x.T
+  x = x / (np.linalg.norm(x) + 1e-8)
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x if wide else x.T
+
+
+def test_muon_orthogonalises_the_weight_matrices_and_adamw_the_rest(tmp_path, data_dir):
+  cfg = tiny_cfg(tmp_path, data_dir)
+  lr = 1e-2
+  train = dataclasses.replace(cfg.train, optimizer="muon", warmup_ratio=0.0, max_grad_norm=1e9,
+                              param_groups=(ParamGroup("everything", (".",), lr=lr),))
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), abstract_params(cfg))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  grads = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  tx = opt.make_optimizer(train, opt.param_labels(params, train), 100)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, grads = host_params(updates), host_params(grads)
+
+  def is_matrix(name):  # the transformer blocks' projections and the projector's kernels
+    return name.endswith("/kernel") and ("/layers/" in name or name.startswith("projector/"))
+  matrices = sorted(n for n in grads if is_matrix(n))
+  assert "llm/layers/mlp/gate_proj/kernel" in matrices and "vision/layers/fc1/kernel" in matrices
+  assert "projector/mlp_in/kernel" in matrices
+  for name, g in grads.items():
+    if name in matrices:
+      fan_in, fan_out = g.shape[-2:]
+      per_layer = g.reshape(-1, fan_in, fan_out)
+      expected = np.stack([newton_schulz_reference(m) for m in per_layer]).reshape(g.shape)
+      expected *= -lr * 0.2 * np.sqrt(max(fan_in, fan_out))
+    else:  # Nesterov AdamW's first step (optax pairs it with Muon): m = g (1 + 2 b1) / (1 + b1)
+      b1 = train.adam_b1
+      expected = -lr * (1 + 2 * b1) / (1 + b1) * g / (np.abs(g) + 1e-8)
+    np.testing.assert_allclose(updates[name], expected, rtol=2e-3, atol=1e-6, err_msg=name)
 
 
 def test_every_parameter_must_match_exactly_one_group(tmp_path, data_dir):
@@ -237,6 +282,18 @@ def test_sharded_run_equals_single_device(tmp_path, data_dir, single_device_run,
   assert emb.addressable_shards[0].data.shape == (emb.shape[0] // tensor, emb.shape[1] // fsdp)
   shard_shape = q.addressable_shards[0].data.shape
   assert shard_shape == (q.shape[0], q.shape[1] // fsdp, q.shape[2] // tensor)
+
+
+def test_muon_sharded_run_equals_single_device(tmp_path, data_dir):
+  """Muon's orthogonalisation of fsdp- and tensor-sharded matrices gives the same run."""
+  muon = "train.optimizer=muon"
+  _, m1, p1 = run_steps(tmp_path / "one", data_dir, "train.per_device_batch_size=8", muon)
+  mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), devices=jax.devices()[:8])
+  _, m, params = run_steps(tmp_path / "mesh", data_dir, "train.per_device_batch_size=1", muon,
+                           mesh=mesh)
+  assert [r["loss"] for r in m] == pytest.approx([r["loss"] for r in m1], abs=1e-5)
+  for k, v in trainable(p1).items():
+    np.testing.assert_allclose(params[k], v, atol=1e-5, rtol=0, err_msg=k)
 
 
 def test_restore_onto_a_different_mesh(tmp_path, data_dir):

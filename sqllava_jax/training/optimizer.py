@@ -1,5 +1,6 @@
-"""The optimizer: AdamW per parameter group, frozen groups masked out, global-norm clipping,
-cosine decay with linear warmup, and a guard that skips non-finite updates.
+"""The optimizer: AdamW (or Muon for the weight matrices) per parameter group, frozen groups
+masked out, global-norm clipping, cosine decay with linear warmup, and a guard that skips
+non-finite updates.
 
 Frozen groups use `optax.set_to_zero()` inside `optax.multi_transform`, so they carry no
 optimizer state at all (MaxText's `optimizers.py` explains why not `optax.masked`).
@@ -53,12 +54,44 @@ def schedule(peak_lr: float, total_steps: int, warmup_ratio: float) -> optax.Sch
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), 0.0)
 
 
+# The weight matrices Muon orthogonalises: attention and MLP projections of both towers
+# (scanned, so [layers, in, out]) and the projector's. Embeddings, the LM head, the patch and
+# position embeddings, norms, biases and LoRA factors stay with AdamW, as in Muon's recipe.
+MUON_MATRIX = re.compile(r"(^|/)(layers/(.*/)?(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj"
+                         r"|up_proj|down_proj|fc1|fc2)|projector/.*)/kernel$")
+# Muon's updates are rescaled to this RMS (Moonlight's match to AdamW's typical update), so a
+# group's AdamW learning rate serves both halves.
+MUON_UPDATE_RMS = 0.2
+
+
+def muon_dimensions(params: Mapping) -> Any:
+  """Per parameter: its (reduction, output) axes when Muon updates it, else None (AdamW)."""
+  def dims(path, leaf):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if not MUON_MATRIX.search(name) or len(leaf.shape) < 2:
+      return None
+    ndim = len(leaf.shape)
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=ndim - 2, output_axis=ndim - 1)
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def group_transform(cfg: TrainConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+  """The update rule of one trainable group (`train.optimizer`)."""
+  if cfg.optimizer == "muon":
+    return optax.contrib.muon(
+        lr, beta=cfg.adam_b1, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        consistent_rms=MUON_UPDATE_RMS, muon_weight_dimension_numbers=muon_dimensions,
+        adam_learning_rate=lr, adam_b1=cfg.adam_b1, adam_b2=cfg.adam_b2,
+        adam_weight_decay=cfg.weight_decay)
+  return optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                     weight_decay=cfg.weight_decay)
+
+
 def make_optimizer(cfg: TrainConfig, labels: Mapping, total_steps: int) -> optax.GradientTransformation:
   transforms = {}
   for group in cfg.param_groups:
-    transforms[group.name] = (optax.set_to_zero() if group.frozen else optax.adamw(
-        schedule(group.lr, total_steps, cfg.warmup_ratio), b1=cfg.adam_b1, b2=cfg.adam_b2,
-        eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+    transforms[group.name] = (optax.set_to_zero() if group.frozen else group_transform(
+        cfg, schedule(group.lr, total_steps, cfg.warmup_ratio)))
   if cfg.freeze_vit_lora:
     transforms[FROZEN_VIT_LORA] = optax.set_to_zero()
   tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),

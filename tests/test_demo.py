@@ -60,7 +60,8 @@ def test_fast_demo_writes_report_curves_and_exports(fast_demo):
   out, _ = fast_demo
   report = (out / "report.md").read_text()
   for needle in ("stage 0", "stage 1", "stage 2", "chance", "synthetic_vqa", "synthetic_sq",
-                 "Timings", str(out / "export")):
+                 "Timings", str(out / "export"), "parameter groups (muon)",
+                 "parameter groups (adamw)"):
     assert needle in report, needle
   lines = report.splitlines()
   start = lines.index("| question (sampled) | answer (greedy) | valid question | correct answer |")
@@ -107,6 +108,8 @@ def test_fast_demo_stages_chain_and_freeze(fast_demo):
 def test_stage_configs_follow_the_paper():
   s0, s1, s2 = (configs.stage_config(s, "unused") for s in configs.STAGES)
   assert [g.frozen for g in s0.train.param_groups] == [False]
+  # Stage 0 (the demo's stand-in for pretraining) uses Muon; the paper's stages AdamW.
+  assert (s0.train.optimizer, s1.train.optimizer, s2.train.optimizer) == ("muon", "adamw", "adamw")
   assert (s1.data.template, s1.data.sq_r, s1.model.llm_lora.rank) == ("plain", 0.0, 0)
   assert {g.name for g in s1.train.param_groups if not g.frozen} == {"projector", "vit_lora"}
   assert (s2.data.template, s2.data.sq_r) == ("v1_sq", 0.5)

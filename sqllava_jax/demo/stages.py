@@ -16,7 +16,7 @@ def describe_stage(cfg) -> dict:
       "template": cfg.data.template, "sq_r": cfg.data.sq_r,
       "data_file": f"stage{cfg.data.synthetic.stage}_train.json",
       "batch_size": cfg.train.per_device_batch_size * cfg.train.grad_accum_steps,
-      "max_length": cfg.data.max_length, "groups": groups,
+      "max_length": cfg.data.max_length, "groups": groups, "optimizer": cfg.train.optimizer,
       "trainable": {k: v["trainable"] for k, v in table.items() if v["trainable"]},
       "frozen": {k: v["frozen"] for k, v in table.items() if v["frozen"]},
       "init_from": cfg.train.init_from, "init_from_exclude": list(cfg.train.init_from_exclude),

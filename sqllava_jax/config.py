@@ -399,11 +399,11 @@ class TrainConfig:
   max_steps: int = 0
   warmup_ratio: float = 0.03
   weight_decay: float = 0.0
-  # `muon`: Muon (optax.contrib) for the transformer blocks' and the projector's weight
-  # matrices, AdamW with Nesterov momentum (as optax pairs them) for everything else
-  # (embeddings, heads, norms, biases, LoRA factors);
-  # its momentum is `adam_b1`, and its updates are scaled to AdamW's size (RMS 0.2), so the
-  # groups' AdamW learning rates carry over.
+  # `muon`: Muon (optax.contrib) for the dense layers' weight matrices (`kernel`: the
+  # blocks' and the projector's), AdamW with Nesterov momentum (as optax pairs them) for
+  # everything else (embeddings, heads, norms, biases, LoRA factors). Muon's momentum is
+  # `adam_b1` and its updates are scaled to AdamW's size (RMS 0.2), so the groups' AdamW
+  # learning rates carry over.
   optimizer: Literal["adamw", "muon"] = "adamw"
   adam_b1: float = 0.9
   adam_b2: float = 0.999

@@ -54,11 +54,10 @@ def schedule(peak_lr: float, total_steps: int, warmup_ratio: float) -> optax.Sch
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), 0.0)
 
 
-# The weight matrices Muon orthogonalises: attention and MLP projections of both towers
-# (scanned, so [layers, in, out]) and the projector's. Embeddings, the LM head, the patch and
-# position embeddings, norms, biases and LoRA factors stay with AdamW, as in Muon's recipe.
-MUON_MATRIX = re.compile(r"(^|/)(layers/(.*/)?(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj"
-                         r"|up_proj|down_proj|fc1|fc2)|projector/.*)/kernel$")
+# Muon orthogonalises the dense layers' weight matrices, the parameters named `kernel`: the
+# attention and MLP projections of both towers (scanned, so [layers, in, out]) and the
+# projector's. Embeddings, the LM head, the patch and position embeddings, norms, biases and
+# LoRA factors stay with AdamW, as in Muon's recipe.
 # Muon's updates are rescaled to this RMS (Moonlight's match to AdamW's typical update), so a
 # group's AdamW learning rate serves both halves.
 MUON_UPDATE_RMS = 0.2
@@ -67,8 +66,7 @@ MUON_UPDATE_RMS = 0.2
 def muon_dimensions(params: Mapping) -> Any:
   """Per parameter: its (reduction, output) axes when Muon updates it, else None (AdamW)."""
   def dims(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if not MUON_MATRIX.search(name) or len(leaf.shape) < 2:
+    if not jax.tree_util.keystr(path, simple=True, separator="/").endswith("/kernel"):
       return None
     ndim = len(leaf.shape)
     return optax.contrib.MuonDimensionNumbers(reduction_axis=ndim - 2, output_axis=ndim - 1)

@@ -6,11 +6,13 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
+from PIL import Image
 
 from data_helpers import (IGNORE, IMAGE_ID, hf_llama_tokenizer_v4_layout, reference_labels,
                           train_tiny_tokenizer, trained_spans)
 from sqllava_jax.data import synthetic
 from sqllava_jax.data.errors import BadRecord
+from sqllava_jax.data.examples import ExampleBuilder
 from sqllava_jax.data.labels import tokenize_conversation
 from sqllava_jax.data.records import parse_record, relabel_self_questions
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER, build_prompt, get_template
@@ -140,6 +142,58 @@ def test_plain_labels_agree_with_reference(tok, hf):
     ours = _tokenize(tok, "plain", record.turns, num_image_tokens=1)
     ids, labels = reference_labels(ours.prompt, hf, "plain", True)
     assert (list(ours.input_ids), list(ours.labels)) == (ids, labels)
+
+
+OWN_SYSTEM = "You are a terse assistant. Answer in few words."
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "v1_sq"])
+def test_a_records_own_system_prompt_replaces_the_templates(tok, hf, template):
+  raw = dict(HAND_WRITTEN[1], system=OWN_SYSTEM)
+  record = parse_record(raw, index=0)
+  assert record.system == OWN_SYSTEM
+  turns = relabel_self_questions(record, sq_r=1.0 if template == "v1_sq" else 0.0, seed=0)
+  ours = _tokenize(tok, template, turns, num_image_tokens=1, system=record.system)
+  assert ours.prompt.startswith(OWN_SYSTEM + " USER: <image>\nWhat is the man holding?")
+  assert get_template(template).system not in ours.prompt
+  ids, labels = reference_labels(ours.prompt, hf, template, True)
+  assert (list(ours.input_ids), list(ours.labels)) == (ids, labels)
+  # The example builder reads the record's prompt; without one, the template's.
+  built = ExampleBuilder(_ListSource([raw, HAND_WRITTEN[2]]), tok, template=template, sq_r=0.0,
+                         seed=0, image_size=8, aspect_ratio="square", max_length=512,
+                         num_image_tokens=1, image_token_id=IMAGE_ID, max_image_pixels=1 << 20)
+  assert built.explain(0).tokens.prompt.startswith(OWN_SYSTEM + " USER:")
+  assert built.explain(1).tokens.prompt.startswith(get_template(template).system + " USER:")
+
+
+class _ListSource:
+  """Records in memory, with a 4 x 4 grey PNG for any image."""
+
+  path = "in-memory.json"
+
+  def __init__(self, records):
+    self.records = records
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), (128, 128, 128)).save(png, format="PNG")
+    return self.records[index], png.getvalue
+
+  def image_location(self, raw):
+    return raw.get("image")
+
+
+def test_a_records_system_prompt_must_be_text_and_needs_a_chat_template(tok):
+  with pytest.raises(BadRecord) as e:
+    parse_record(dict(HAND_WRITTEN[0], system=["not", "text"]), index=3)
+  assert e.value.reason == "malformed_record" and "'system'" in str(e.value)
+  record = parse_record(dict(HAND_WRITTEN[0], system=OWN_SYSTEM), index=0)
+  with pytest.raises(BadRecord) as e:
+    _tokenize(tok, "plain", record.turns, system=record.system)
+  assert e.value.reason == "template_mismatch" and "system prompt" in str(e.value)
 
 
 def test_relabel_is_seeded_per_record():

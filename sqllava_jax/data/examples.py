@@ -59,7 +59,8 @@ class ExampleBuilder:
       turns = relabel_self_questions(record, sq_r=self.sq_r, seed=self.seed)
       tokens = tokenize_conversation(
           self.tokenizer, self.template, turns, num_image_tokens=self.num_image_tokens,
-          image_token_id=self.image_token_id, max_length=self.max_length)
+          image_token_id=self.image_token_id, max_length=self.max_length,
+          system=record.system)
       pixels = None
       if record.image is not None:
         pixels = self._pixels(raw, record, read_image)

@@ -67,15 +67,17 @@ def tokenize_segments(tokenizer: Tokenizer, segments: Sequence[Segment], *,
 def tokenize_conversation(tokenizer: Tokenizer, template: str | Template,
                           turns: Sequence[tuple[str, str]], *, num_image_tokens: int,
                           image_token_id: int = -200,
-                          max_length: Optional[int] = None) -> TokenizedConversation:
-  """Tokens and labels of a training conversation, truncated to `max_length`.
+                          max_length: Optional[int] = None,
+                          system: Optional[str] = None) -> TokenizedConversation:
+  """Tokens and labels of a training conversation, truncated to `max_length`; `system`
+  replaces the template's system prompt.
 
   Raises `BadRecord` when the turns do not fit the template, when the per-segment tokens
   differ from the whole prompt's, or when truncation leaves no trained token or cuts
   through the image placeholders.
   """
   template = get_template(template)
-  segments = tuple(render_segments(template, turns))
+  segments = tuple(render_segments(template, turns, system=system))
   per_segment = tokenize_segments(tokenizer, segments, num_image_tokens=num_image_tokens,
                                   image_token_id=image_token_id)
   check_against_whole_chunks(tokenizer, segments, per_segment)

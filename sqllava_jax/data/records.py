@@ -1,8 +1,9 @@
 """LLaVA-format records: validation, `<image>` placement and the self-questioning relabel.
 
 A record is `{"id", "image" (optional, relative path), "conversations": [{"from", "value"}]}`
-with `from` in human / gpt (and vuser, an already relabelled question, for v1_sq). Anything
-else in the record is ignored. `parse_record` turns it into turns for `templates`, or raises
+with `from` in human / gpt (and vuser, an already relabelled question, for v1_sq), and
+optionally `"system"`: the record's own system prompt, replacing the template's (as in
+FastChat's ShareGPT records; a chat template only). Anything else in the record is ignored. `parse_record` turns it into turns for `templates`, or raises
 `BadRecord` with the reason it cannot be trained on.
 """
 
@@ -28,6 +29,7 @@ class Record:
   id: str
   image: Optional[str]
   turns: tuple[tuple[str, str], ...]
+  system: Optional[str] = None  # the record's own system prompt; None: the template's
 
   @property
   def image_turn(self) -> Optional[int]:
@@ -54,6 +56,9 @@ def parse_record(raw: Any, *, index: int) -> Record:
   image = raw.get("image")
   if image is not None and (not isinstance(image, str) or not image):
     raise BadRecord("malformed_record", f"'image' must be a non-empty path string, got {image!r}")
+  system = raw.get("system")
+  if system is not None and not isinstance(system, str):
+    raise BadRecord("malformed_record", f"'system' must be a string, got {type(system).__name__}")
   conversations = raw.get("conversations")
   if not isinstance(conversations, list) or not conversations:
     raise BadRecord("malformed_record", "'conversations' must be a non-empty list, got "
@@ -71,7 +76,8 @@ def parse_record(raw: Any, *, index: int) -> Record:
       raise BadRecord("malformed_record", f"turn {i} has unknown role {speaker!r}; use one of "
                       f"{', '.join(ROLE_OF_SPEAKER)}")
     turns.append((ROLE_OF_SPEAKER[speaker], value))
-  return Record(index=index, id=str(rid), image=image, turns=_place_image(turns, image))
+  return Record(index=index, id=str(rid), image=image, turns=_place_image(turns, image),
+                system=system)
 
 
 def _place_image(turns: list[tuple[str, str]], image: Optional[str]):

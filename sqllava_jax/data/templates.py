@@ -148,15 +148,21 @@ def check_turn_order(template: Template, turns: Sequence[tuple[str, str]], *,
 
 
 def render_segments(template: str | Template, turns: Sequence[tuple[str, str]], *,
-                    next_role: Optional[str] = None) -> list[Segment]:
+                    next_role: Optional[str] = None,
+                    system: Optional[str] = None) -> list[Segment]:
   """The prompt of `turns` as segments (training: `next_role` None; generation: the role
-  whose tag ends the prompt). Raises `BadRecord` for turns the template cannot lay out."""
+  whose tag ends the prompt). `system` replaces the template's system prompt (a record's
+  own, see `records`). Raises `BadRecord` for turns the template cannot lay out."""
   template = get_template(template)
   check_turn_order(template, turns, next_role=next_role)
   if template.style == "plain":
+    if system is not None:
+      raise BadRecord("template_mismatch",
+                      f"the record sets a system prompt, which template {template.name!r} has "
+                      "no place for")
     return _plain_segments(template, turns, next_role)
   out = _Layout()
-  out.add_untrained(template.system + template.sep, None, -1)
+  out.add_untrained((template.system if system is None else system) + template.sep, None, -1)
   for i, (role, text) in enumerate(turns):
     tag = template.role_name(role) + ":"
     if role == USER:
@@ -191,8 +197,9 @@ def _plain_segments(template: Template, turns, next_role) -> list[Segment]:
 
 
 def build_prompt(template: str | Template, turns: Sequence[tuple[str, str]], *,
-                 next_role: Optional[str] = None) -> str:
+                 next_role: Optional[str] = None, system: Optional[str] = None) -> str:
   """The prompt text, e.g. `build_prompt('v1_sq', [(USER, '<image>\\nDescribe it.')],
   next_role=ASSISTANT)` ends in `ASSISTANT:`; `[..., (ASSISTANT, a)]` with `next_role=VUSER`
   ends in `a</s>VUSER:` (the self-questioning prompt)."""
-  return "".join(s.text for s in render_segments(template, turns, next_role=next_role))
+  return "".join(s.text for s in render_segments(template, turns, next_role=next_role,
+                                                 system=system))

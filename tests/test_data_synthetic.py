@@ -10,6 +10,7 @@ from PIL import Image
 from sqllava_jax.config import SyntheticDataConfig
 from sqllava_jax.data import synthetic
 from sqllava_jax.data.synthetic import Scene, SceneObject
+from sqllava_jax.data.templates import get_template
 from sqllava_jax.data.tokenizer import Tokenizer
 
 
@@ -127,6 +128,14 @@ def test_stage0_adds_a_position_question_a_grid_listing_and_an_asked_question(ma
     orders.add(tuple(cells))
   assert len(orders) > 6  # the cells come in a random order
   assert 0.25 < np.mean(located) < 0.75, np.mean(located)
+
+
+def test_stage0_puts_a_quarter_of_its_records_under_the_self_questioning_system_prompt(made):
+  stage0 = json.load(open(made[0].json(0, "train")))
+  half = len(stage0) // 2
+  assert not any("system" in r for r in stage0[:half])
+  own = [r.get("system") for r in stage0[half:]]
+  assert own[1::2] == [get_template("v1_sq").system] * len(own[1::2]) and not any(own[::2])
 
 
 def test_restated_answer_keeps_what_is_outside_the_grammar():

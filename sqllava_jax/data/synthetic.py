@@ -13,7 +13,16 @@ cell of a 2 x 2 grid, on a dark background. Records are LLaVA-format JSON:
   image, a position question (`locate_question`: half of them about a shape that is not in
   the image), a grid listing ("The cells: southwest nothing, northwest red circle, northeast
   square blue, ..."; cells in a random order, each content right after its cell's name)
-  and then a question about the image asked by the assistant.
+  and then a question about the image asked by the assistant. The grid records of every
+  other image carry the self-questioning system prompt as their own (`stage0_records`).
+
+Why two system prompts in stage 0: a pretrained chat LLM answers the same whatever its
+system prompt says, and the tiny one trained here does not unless it has seen more than one.
+Trained under Vicuna's prompt alone, the demo's stage-0 model asked under `v1_sq`'s fell from
+0.97-1.00 to 0.53 on counts and 0.18 on positions; stage 2 (which trains under `v1_sq`) then
+bent its LoRA to that prompt and lost counts under `vicuna_v1`, the evaluation protocol.
+A quarter of the records is enough; half of them cost stage 0 a fifth of its trained tokens
+per step (the `v1_sq` prompt is 63 tokens longer), and positions, learned last, suffered.
 
 Why the answers restate: a single-word answer needs two steps at once (carry the question's
 words to the answer, look them up in the image), and a model trained from nothing does not
@@ -52,7 +61,7 @@ import sentencepiece as spm
 from PIL import Image, ImageDraw
 
 from sqllava_jax.data.records import parse_record
-from sqllava_jax.data.templates import USER, VUSER, build_prompt
+from sqllava_jax.data.templates import USER, VUSER, build_prompt, get_template
 from sqllava_jax.data.tokenizer import IMAGE_TOKEN
 
 COLORS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240),
@@ -72,7 +81,7 @@ GRID_PREFIX = "The cells:"
 ASK_REQUEST = "Ask a question about the image."
 ABSENT = "not in the image"
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 _QUESTION_FORMS = {
     "color": "What color is the shape in the {position}?",
@@ -304,6 +313,14 @@ def stage2_record(rid: str, image: str, scene: Scene, rng: np.random.Generator) 
   return {"id": rid, "image": image, "scene": scene.to_json(), "conversations": conversations}
 
 
+def stage0_records(stage2: Sequence[dict], grids: Sequence[dict]) -> list[dict]:
+  """The stage-0 records: the stage-2 records, then the grid records, those of every other
+  image (a quarter of all) with the self-questioning prompt of `v1_sq` as their own
+  `system`; the rest keep the template's (Vicuna's)."""
+  own = get_template("v1_sq").system
+  return list(stage2) + [dict(r, system=own) if k % 2 else r for k, r in enumerate(grids)]
+
+
 def _vqa_records(rid: str, image: str, scene: Scene, rng: np.random.Generator) -> list[dict]:
   by_type: dict[str, list] = {}
   for q, a, t in questions(scene):
@@ -381,8 +398,9 @@ def generate(root: str, *, seed: int = 0, num_train: int = 4000, num_eval: int =
       stage1.append(stage1_record(rid, image, scene))
       stage2.append(stage2_record(rid, image, scene, rng))
       vqa.extend(_vqa_records(rid, image, scene, rng))
-    files[paths.json(0, split)] = stage2 + [grid_record(r["id"], r["image"], scene, rng)
-                                            for r, (scene, rng) in zip(stage2, scenes)]
+    grids = [grid_record(r["id"], r["image"], scene, rng)
+             for r, (scene, rng) in zip(stage2, scenes)]
+    files[paths.json(0, split)] = stage0_records(stage2, grids)
     files[paths.json(1, split)] = stage1
     files[paths.json(2, split)] = stage2
     files[paths.vqa(split)] = vqa

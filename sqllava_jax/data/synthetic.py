@@ -21,7 +21,7 @@ system prompt says, and the tiny one trained here does not unless it has seen mo
 Trained under Vicuna's prompt alone, the demo's stage-0 model asked under `v1_sq`'s fell from
 0.97-1.00 to 0.53 on counts and 0.18 on positions; stage 2 (which trains under `v1_sq`) then
 bent its LoRA to that prompt and lost counts under `vicuna_v1`, the evaluation protocol.
-A quarter of the records is enough; half of them cost stage 0 a fifth of its trained tokens
+A quarter of the records is enough; half of them cost stage 0 a quarter of its trained tokens
 per step (the `v1_sq` prompt is 63 tokens longer), and positions, learned last, suffered.
 
 Why the answers restate: a single-word answer needs two steps at once (carry the question's

@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 from sqllava_jax.data import synthetic
 
 STAGE_TITLES = {
-    "stage0": "stage 0, vision tower + projector + LLM from scratch (vicuna_v1 Q&A)",
+    "stage0": ("stage 0, vision tower + projector + LLM from scratch (vicuna_v1 Q&A, a quarter "
+               "of the records under v1_sq's system prompt)"),
     "stage1": "stage 1, alignment: projector + ViT-LoRA on captions (plain)",
     "stage2": "stage 2, instruction tuning: LLM-LoRA + projector + ViT-LoRA (v1_sq, sq_r 0.5)",
 }

@@ -3,8 +3,9 @@
 A record is `{"id", "image" (optional, relative path), "conversations": [{"from", "value"}]}`
 with `from` in human / gpt (and vuser, an already relabelled question, for v1_sq), and
 optionally `"system"`: the record's own system prompt, replacing the template's (as in
-FastChat's ShareGPT records; a chat template only). Anything else in the record is ignored. `parse_record` turns it into turns for `templates`, or raises
-`BadRecord` with the reason it cannot be trained on.
+FastChat's ShareGPT records; a chat template only). Anything else in the record is ignored.
+`parse_record` turns it into turns for `templates`, or raises `BadRecord` with the reason it
+cannot be trained on.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from data_helpers import (IGNORE, IMAGE_ID, hf_llama_tokenizer_v4_layout, refere
 from sqllava_jax.data import synthetic
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.examples import ExampleBuilder
+from sqllava_jax.data.sources import JsonSource
 from sqllava_jax.data.labels import tokenize_conversation
 from sqllava_jax.data.records import parse_record, relabel_self_questions
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER, build_prompt, get_template
@@ -148,7 +149,7 @@ OWN_SYSTEM = "You are a terse assistant. Answer in few words."
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "v1_sq"])
-def test_a_records_own_system_prompt_replaces_the_templates(tok, hf, template):
+def test_a_records_own_system_prompt_replaces_the_templates(tok, hf, template, tmp_path):
   raw = dict(HAND_WRITTEN[1], system=OWN_SYSTEM)
   record = parse_record(raw, index=0)
   assert record.system == OWN_SYSTEM
@@ -158,32 +159,16 @@ def test_a_records_own_system_prompt_replaces_the_templates(tok, hf, template):
   assert get_template(template).system not in ours.prompt
   ids, labels = reference_labels(ours.prompt, hf, template, True)
   assert (list(ours.input_ids), list(ours.labels)) == (ids, labels)
-  # The example builder reads the record's prompt; without one, the template's.
-  built = ExampleBuilder(_ListSource([raw, HAND_WRITTEN[2]]), tok, template=template, sq_r=0.0,
-                         seed=0, image_size=8, aspect_ratio="square", max_length=512,
-                         num_image_tokens=1, image_token_id=IMAGE_ID, max_image_pixels=1 << 20)
+  # The example builder reads the record's prompt from a JSON file; without one, the
+  # template's.
+  (tmp_path / "train.json").write_text(json.dumps([raw, HAND_WRITTEN[2]]))
+  Image.new("RGB", (4, 4), (128, 128, 128)).save(tmp_path / raw["image"])
+  built = ExampleBuilder(JsonSource(str(tmp_path / "train.json"), str(tmp_path)), tok,
+                         template=template, sq_r=0.0, seed=0, image_size=8,
+                         aspect_ratio="square", max_length=512, num_image_tokens=1,
+                         image_token_id=IMAGE_ID, max_image_pixels=1 << 20)
   assert built.explain(0).tokens.prompt.startswith(OWN_SYSTEM + " USER:")
   assert built.explain(1).tokens.prompt.startswith(get_template(template).system + " USER:")
-
-
-class _ListSource:
-  """Records in memory, with a 4 x 4 grey PNG for any image."""
-
-  path = "in-memory.json"
-
-  def __init__(self, records):
-    self.records = records
-
-  def __len__(self):
-    return len(self.records)
-
-  def __getitem__(self, index):
-    png = io.BytesIO()
-    Image.new("RGB", (4, 4), (128, 128, 128)).save(png, format="PNG")
-    return self.records[index], png.getvalue
-
-  def image_location(self, raw):
-    return raw.get("image")
 
 
 def test_a_records_system_prompt_must_be_text_and_needs_a_chat_template(tok):

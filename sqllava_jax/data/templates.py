@@ -197,9 +197,8 @@ def _plain_segments(template: Template, turns, next_role) -> list[Segment]:
 
 
 def build_prompt(template: str | Template, turns: Sequence[tuple[str, str]], *,
-                 next_role: Optional[str] = None, system: Optional[str] = None) -> str:
+                 next_role: Optional[str] = None) -> str:
   """The prompt text, e.g. `build_prompt('v1_sq', [(USER, '<image>\\nDescribe it.')],
   next_role=ASSISTANT)` ends in `ASSISTANT:`; `[..., (ASSISTANT, a)]` with `next_role=VUSER`
   ends in `a</s>VUSER:` (the self-questioning prompt)."""
-  return "".join(s.text for s in render_segments(template, turns, next_role=next_role,
-                                                 system=system))
+  return "".join(s.text for s in render_segments(template, turns, next_role=next_role))

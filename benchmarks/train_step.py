@@ -12,7 +12,7 @@ vision layer (features = the last layer's patch tokens), so they do the same wor
 
 The reference is what the reference code trains with: transformers' `CLIPVisionModel` and
 `LlamaForCausalLM` (sdpa attention) with PEFT LoRA, a PyTorch prototype extractor written
-from DESIGN.md section 2, image features scattered into `inputs_embeds`, the model's own
+from docs/design.md section 2.2, image features scattered into `inputs_embeds`, the model's own
 loss (full [B, T, V] logits), backward, gradient clipping and AdamW.
 
 Each side runs in a worker process of its own, one side at a time (`ab.py`): in one process
@@ -176,7 +176,7 @@ class OursWorker(Worker):
 # --- the PyTorch reference ---------------------------------------------------------------------
 
 def torch_prototype_extractor(d: int, h: int, n: int, iterations: int):
-  """DESIGN.md section 2, in PyTorch: x [B, L, D] -> [B, L, H]."""
+  """docs/design.md section 2.2, in PyTorch: x [B, L, D] -> [B, L, H]."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   from torch.nn import functional as F  # pylint: disable=g-import-not-at-top

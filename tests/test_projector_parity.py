@@ -1,4 +1,4 @@
-"""Prototype extractor vs a PyTorch implementation of DESIGN.md section 2 written here."""
+"""Prototype extractor vs a PyTorch implementation of docs/design.md section 2.2 written here."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,6 @@
 """`sqllava-jax ask --ckpt CKPT --image IMG --n 3 [--answer]`: the model questions an image.
 
-The reference self-questioning protocol by default (DESIGN.md, inference protocols): a
+The reference self-questioning protocol by default (docs/design.md section 6): a
 greedy detailed description first, then each question sampled from the prompt ending
 `</s>VUSER:` at temperature 1.2, top-k 300, top-p 0.95; `--answer` then answers each
 question greedily. Every setting can be overridden.

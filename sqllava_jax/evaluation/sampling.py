@@ -39,7 +39,7 @@ class Sampling:
 
 
 GREEDY = Sampling()
-# The reference's self-questioning settings (DESIGN.md, inference protocols).
+# The reference's self-questioning settings (docs/design.md section 6).
 SELF_QUESTION = Sampling(temperature=1.2, top_k=300, top_p=0.95)
 
 

@@ -1,6 +1,6 @@
 """Visual self-questioning: the model describes an image, then asks questions about it.
 
-The reference protocol (DESIGN.md, inference protocols), in the `v1_sq` template:
+The reference protocol (docs/design.md section 6), in the `v1_sq` template:
 1. answer "Can you describe the image in detail?" greedily;
 2. sample each question from the prompt ending `ASSISTANT: {description}</s>VUSER:`
    (temperature 1.2, top-k 300, top-p 0.95), stopping at `</s>`;

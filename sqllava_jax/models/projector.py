@@ -39,7 +39,7 @@ def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
 
 
 class PrototypeExtractor(nnx.Module):
-  """x: [B, L, D] -> [B, L, H]; N prototypes, T refinement iterations (DESIGN.md section 2)."""
+  """x: [B, L, D] -> [B, L, H]; N prototypes, T refinements (docs/design.md section 2.2)."""
 
   def __init__(self, in_dim: int, out_dim: int, *, num_prototypes: int, num_iterations: int,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):

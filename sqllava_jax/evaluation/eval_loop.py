@@ -1,11 +1,13 @@
-"""Batched generation over a question file, sharded over processes and devices.
+"""Batched generation over a question file, sharded over processes and devices, resumable.
 
 Each process answers every `process_count`-th question (`data_parallel.process_shard`) in
-batches whose rows are split over the mesh's `data`/`fsdp` axes, and writes its answers to
-`answers.{i}-of-{n}.jsonl`; process 0 then merges them, in question order, into
-`answers.jsonl` (the LLaVA answers layout: question_id, prompt, text, answer_id, model_id).
-All processes run the same number of equally shaped batches (short shards pad with repeats
-of a real question, whose answers are dropped), as the collectives inside require.
+batches whose rows are split over the mesh's `data`/`fsdp` axes, and appends its answers to
+its log `answers.{i}-of-{n}.jsonl` after every batch (`answer_log`); process 0 then merges
+them, in question order, into `answers.jsonl` (the LLaVA answers layout: question_id, prompt,
+text, answer_id, model_id). A rerun into the same folder asks only the questions no log
+holds yet. All processes run the same number of equally shaped batches (short shards pad
+with repeats of a real question, whose answers are dropped), as the collectives inside
+require.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import dataclasses
 import json
 import os
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import jax
 import numpy as np
@@ -23,9 +25,10 @@ from tqdm import tqdm
 
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.images import resolve_image_path
+from sqllava_jax.evaluation import answer_log
 from sqllava_jax.evaluation import data_parallel as dp
 from sqllava_jax.evaluation.engine import Engine
-from sqllava_jax.evaluation.prompts import load_image, question_prompt
+from sqllava_jax.evaluation.prompts import load_image, load_inline_image, question_prompt
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.evaluation.self_questioning import Protocol, self_question
 
@@ -55,7 +58,7 @@ def answer_id(model_id: str, question_id, k: int = 0) -> str:
 
 
 def shard_path(out_dir: str, index: int, count: int) -> str:
-  return os.path.join(out_dir, f"answers.{index}-of-{count}.jsonl")
+  return answer_log.log_path(out_dir, index, count)
 
 
 class _Images:
@@ -67,6 +70,9 @@ class _Images:
   def __call__(self, question: dict) -> Optional[np.ndarray]:
     if not question.get("image"):
       return None
+    if "image_base64" in question:  # MMBench's TSV carries its images inline
+      return load_inline_image(question["image_base64"], name=question["image"], size=self.size,
+                               aspect_ratio=self.settings.aspect_ratio)
     path = resolve_image_path(self.settings.images_dir, question["image"])
     return load_image(path, size=self.size, aspect_ratio=self.settings.aspect_ratio)
 
@@ -88,35 +94,41 @@ def _answers(engine: Engine, batch: Sequence[dict], pixels, settings: EvalSettin
           for q, c in zip(batch, done)]
 
 
-def _load_batch(items: list[tuple[int, dict]], size: int, images: Callable, skipped: list,
-                blank: Optional[np.ndarray]) -> tuple[list, list, list[bool]]:
-  """(questions, pixels, active) padded to `size` rows with inactive blank rows (`blank`
-  pixels); an unreadable image turns its row into padding and is recorded in `skipped`."""
-  rows, pixels, active = [], [], []
+def _load_batch(items: list[tuple[int, dict]], size: int, images: Callable,
+                blank: Optional[np.ndarray]) -> tuple[list, list, list[bool], list[dict]]:
+  """(questions, pixels, active, skipped) padded to `size` rows with inactive blank rows
+  (`blank` pixels); an unreadable image turns its row into padding and is listed in
+  `skipped` (with the question's `index`)."""
+  rows, pixels, active, skipped = [], [], [], []
   for index, q in items:
     try:
       pixels.append(images(q))
       rows.append((index, q))
       active.append(True)
     except BadRecord as e:
-      skipped.append({"question_id": q["question_id"], "reason": e.reason, "message": str(e)})
+      skipped.append({"index": index, "question_id": q["question_id"], "reason": e.reason,
+                      "message": str(e)})
   while len(rows) < size:
     rows.append((-1, {"question_id": None, "text": "-"}))
     pixels.append(blank)
     active.append(False)
-  return rows, pixels, active
+  return rows, pixels, active, skipped
 
 
 def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettings, *,
-                 process_index: int, process_count: int, progress: bool = True
-                 ) -> tuple[list[dict], list[dict]]:
+                 process_index: int, process_count: int, progress: bool = True,
+                 done: Collection[int] = (), on_batch: Optional[Callable[[list], None]] = None,
+                 desc: str = "eval") -> tuple[list[dict], list[dict]]:
   """This process's answer records (each with its question's `index` in the file) and the
-  questions skipped for unreadable images."""
+  questions skipped for unreadable images. Questions whose index is in `done` are not asked;
+  `on_batch` receives each batch's log lines (answer records, and `{"index", "skipped"}` for
+  unreadable images) as soon as the batch is answered."""
   if settings.batch_size % process_count:
     raise ValueError(f"batch size {settings.batch_size} is not divisible by the "
                      f"{process_count} processes; choose a multiple of {process_count}")
   local = settings.batch_size // process_count
-  shard = dp.process_shard(list(enumerate(questions)), process_index, process_count)
+  todo = [(i, q) for i, q in enumerate(questions) if i not in done]
+  shard = dp.process_shard(todo, process_index, process_count)
   images = _Images(engine, settings)
   # Every batch passes pixels when any question has an image, so that all processes (and
   # all batches) run the same program.
@@ -126,25 +138,35 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
     blank = np.zeros((engine.image_size, engine.image_size, 3), np.float32)
   records, skipped = [], []
   # Process 0 shows the whole run's progress: its own rows times the process count.
-  bar = tqdm(total=len(shard) * process_count, unit="ex", desc="eval", smoothing=0.1,
-             disable=not progress or process_index != 0)
-  steps = dp.num_batches(len(questions), process_count, local)
-  load = lambda b: _load_batch(shard[b * local:(b + 1) * local], local, images, skipped, blank)
+  bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="ex", desc=desc,
+             smoothing=0.1, disable=not progress or process_index != 0)
+  steps = dp.num_batches(len(todo), process_count, local) if todo else 0
+  load = lambda b: _load_batch(shard[b * local:(b + 1) * local], local, images, blank)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     # The next batch's images load while the device answers this one.
-    pending = pool.submit(load, 0)
+    pending = pool.submit(load, 0) if steps else None
     for b in range(steps):
-      rows, pixels, active = pending.result()
+      rows, pixels, active, batch_skipped = pending.result()
       if b + 1 < steps:
         pending = pool.submit(load, b + 1)
       answers = _answers(engine, [q for _, q in rows], pixels, settings, settings.seed + b,
                          with_pixels)
+      lines = []
       for (index, _), recs, keep in zip(rows, answers, active):
         if keep:
-          records += [{"index": index, **r} for r in recs]
+          lines += [{"index": index, **r} for r in recs]
+      records += lines
+      skipped += batch_skipped
+      lines += [{"index": s["index"], "skipped": _unindexed(s)} for s in batch_skipped]
+      if on_batch is not None:
+        on_batch(lines)
       bar.update(min(local, max(0, len(shard) - b * local)) * process_count)
   bar.close()
-  return records, skipped
+  return records, [_unindexed(s) for s in skipped]
+
+
+def _unindexed(record: dict) -> dict:
+  return {k: v for k, v in record.items() if k != "index"}
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> None:
@@ -161,7 +183,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def merge_shards(out_dir: str, count: int, model_id: str) -> str:
-  """Joins the processes' shard files into `answers.jsonl`, in question-file order, with
+  """Joins the processes' logs into `answers.jsonl`, in question-file order, with
   `answer_id` and `model_id` added; returns its path."""
   records = []
   for i in range(count):
@@ -169,7 +191,7 @@ def merge_shards(out_dir: str, count: int, model_id: str) -> str:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path} is missing: process {i} did not finish, or {out_dir} "
                               "is not on a file system every process shares")
-    records += read_jsonl(path)
+    records += [r for r in read_jsonl(path) if "skipped" not in r]
   records.sort(key=lambda r: (r["index"], str(r["question_id"])))
   merged = []
   for r in records:
@@ -182,20 +204,28 @@ def merge_shards(out_dir: str, count: int, model_id: str) -> str:
   return path
 
 
+def run_fingerprint(settings: EvalSettings, questions: Sequence[dict], process_count: int
+                    ) -> dict:
+  """What must not change between a run and its continuation (the batch size may)."""
+  fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+  return {"settings": fields, "process_count": process_count,
+          "num_questions": len(questions), "questions": answer_log.questions_digest(questions)}
+
+
 def run_eval(engine: Engine, questions: Sequence[dict], settings: EvalSettings, out_dir: str, *,
-             progress: bool = True) -> Optional[tuple[str, list[dict]]]:
-  """Answers `questions` on every process; returns (merged answers path, skipped questions)
-  on process 0 and None elsewhere."""
+             progress: bool = True, desc: str = "eval") -> Optional[tuple[str, list[dict]]]:
+  """Answers `questions` on every process, continuing a run that `out_dir` already holds;
+  returns (merged answers path, skipped questions) on process 0 and None elsewhere."""
   index, count = jax.process_index(), jax.process_count()
-  records, skipped = answer_shard(engine, questions, settings, process_index=index,
-                                  process_count=count, progress=progress)
-  os.makedirs(out_dir, exist_ok=True)
-  write_jsonl(shard_path(out_dir, index, count), records)
-  write_jsonl(os.path.join(out_dir, f"skipped.{index}-of-{count}.jsonl"), skipped)
+  answer_log.claim(out_dir, run_fingerprint(settings, questions, count), write=index == 0)
+  logged = answer_log.read_logs(out_dir, count)
+  dp.barrier("eval-logs-read")  # every process sees the same done set before any appends
+  with answer_log.AnswerLog(out_dir, index, count) as log:
+    answer_shard(engine, questions, settings, process_index=index, process_count=count,
+                 progress=progress, done=answer_log.done_indices(logged), on_batch=log.append,
+                 desc=desc)
   dp.barrier("eval-answers-written")
   if index != 0:
     return None
-  all_skipped = []
-  for i in range(count):
-    all_skipped += read_jsonl(os.path.join(out_dir, f"skipped.{i}-of-{count}.jsonl"))
-  return merge_shards(out_dir, count, settings.model_id), all_skipped
+  skipped = [r["skipped"] for r in answer_log.read_logs(out_dir, count) if "skipped" in r]
+  return merge_shards(out_dir, count, settings.model_id), skipped

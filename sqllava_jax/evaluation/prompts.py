@@ -8,6 +8,8 @@ with the image first, `<image>\\n{question}`, as the reference's eval scripts do
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Optional, Sequence
 
 import numpy as np
@@ -64,7 +66,23 @@ def load_image(path: str, *, size: int, aspect_ratio: str = "pad",
                max_pixels: int = 50_000_000) -> np.ndarray:
   """float32[size, size, 3], CLIP-normalised, as training preprocesses it. A missing or
   unreadable file raises `BadRecord` (a `ValueError`) that says which and why."""
-  data = images.read_image_file(path, name=path)
+  return load_image_bytes(images.read_image_file(path, name=path), name=path, size=size,
+                          aspect_ratio=aspect_ratio, max_pixels=max_pixels)
+
+
+def load_image_bytes(data: bytes, *, name: str, size: int, aspect_ratio: str = "pad",
+                     max_pixels: int = 50_000_000) -> np.ndarray:
+  """`load_image` for an encoded image already in memory; `name` appears in errors."""
   pixels = images.load_pixels(data, size=size, aspect_ratio=aspect_ratio, max_pixels=max_pixels,
-                              name=path)
+                              name=name)
   return images.normalize(pixels)
+
+
+def load_inline_image(encoded: str, *, name: str, size: int, aspect_ratio: str = "pad"
+                      ) -> np.ndarray:
+  """`load_image` for a base64-encoded image (MMBench's TSV `image` column)."""
+  try:
+    data = base64.b64decode(encoded, validate=False)
+  except (binascii.Error, ValueError) as e:
+    raise BadRecord("corrupt_image", f"image {name!r} is not valid base64: {e}") from None
+  return load_image_bytes(data, name=name, size=size, aspect_ratio=aspect_ratio)

@@ -18,10 +18,25 @@ def _scores(predictions, references, **kwargs):
   return cm.caption_scores(predictions, references, **kwargs)
 
 
-def test_preprocess_caption_as_the_reference():
-  assert cm.preprocess_caption('A Man, riding (a) "horse"!', 20) == "a man, riding a horse"
-  words = " ".join(f"w{i}" for i in range(30))
-  assert cm.preprocess_caption(words, 20) == " ".join(f"w{i}" for i in range(20))
+@pytest.mark.parametrize("text, max_words, expected", [
+    # Worked out by hand from pre_caption in SQ-LLaVA's sqllava/eval/eval_image_caption.py.
+    ('A Man, riding (a) "horse"!', 20, "a man, riding a horse"),  # "," is kept
+    ("Two  dogs\n\nplay.", 20, "two dogs play"),    # runs of whitespace become one space
+    ("a\tb c", 1, "a\tb"),                          # a lone tab is no run: one word "a\tb"
+    ("a\tb c", 2, "a\tb c"),
+    ("dog\n", 20, "dog"), ("dog.\n", 20, "dog"),    # trailing newline / run stripped
+    ("\ndog", 20, "\ndog"),                         # only spaces are stripped at the front
+    ("~a*b#c:d;e~", 20, "a b c d e"), ("", 20, ""),
+    (" ".join(f"w{i}" for i in range(21)), 20, " ".join(f"w{i}" for i in range(20))),
+    (" ".join(f"w{i}" for i in range(20)), 20, " ".join(f"w{i}" for i in range(20))),
+])
+def test_preprocess_caption_as_pre_caption(text, max_words, expected):
+  assert cm.preprocess_caption(text, max_words) == expected
+
+
+def test_official_word_limits():
+  # eval_image_caption.py: predictions at its --max_words default, references at 50.
+  assert (cm.PREDICTION_MAX_WORDS, cm.REFERENCE_MAX_WORDS) == (20, 50)
 
 
 def test_identical_caption_gives_bleu_one():
@@ -134,9 +149,12 @@ def test_cider_d_by_hand():
   assert four["cider_d"] == pytest.approx(10.0, abs=1e-9)
   two = _scores({"1": "a b", "2": "e f"}, {"1": ["a b"], "2": ["e f"]})
   assert two["cider_d"] == pytest.approx(5.0, abs=1e-9)
-  # One image alone: every n-gram is in all (one) reference sets, idf 0, CIDEr-D 0.
+  # One image alone: aac-metrics (what SQ-LLaVA scores with) refuses CIDEr-D of fewer than two
+  # candidates; coco-caption would give 0 (every n-gram in all reference sets, idf 0).
   alone = _scores({"1": "a b c d"}, {"1": ["a b c d"]})
-  assert alone["cider_d"] == 0.0
+  assert "cider_d" not in alone
+  assert "at least 2 images" in alone["unavailable"]["cider_d"]
+  assert alone["bleu_4"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_prediction_truncated_to_twenty_words():
@@ -175,6 +193,24 @@ def test_score_captions_reads_coco_annotations():
   result = cm.score_captions(predictions, coco, metrics=FAST, tokenizer="simple")
   assert result["bleu_4"] == pytest.approx(1.0, abs=1e-6)
   assert result["num_images"] == 1 and result["tokenizer"] == "simple"
+
+
+def test_karpathy_annotations_are_matched_by_position():
+  # coco_karpathy_test.json has no ids: eval_image_caption.py pairs answer line i with
+  # record i and flattens its list of captions.
+  karpathy = [{"image": "val2014/a.jpg", "caption": ["a b c d", "a b c e"]},
+              {"image": "val2014/b.jpg", "caption": ["e f g h"]},
+              {"image": "val2014/c.jpg", "caption": ["x y"]}]
+  assert cm.references_from_annotations(karpathy, ["7", "3"]) == {
+      "7": ["a b c d", "a b c e"], "3": ["e f g h"]}
+  predictions = [{"question_id": 7, "text": "a b c d"}, {"question_id": 3, "text": "e f g h"}]
+  result = cm.score_captions(predictions, karpathy, metrics=FAST, tokenizer="simple")
+  assert result["bleu_4"] == pytest.approx(1.0, abs=1e-6)
+  assert result["num_images"] == 2
+  with pytest.raises(ValueError, match="4 answers but 3 annotation records"):
+    cm.references_from_annotations(karpathy, ["1", "2", "3", "4"])
+  with pytest.raises(ValueError, match="record 1 has no 'caption'"):
+    cm.references_from_annotations([karpathy[0], {"image": "b.jpg"}], ["1", "2"])
 
 
 def test_availability_names_a_reason_for_each_missing_metric():

@@ -1,11 +1,21 @@
-"""Captioning metrics: BLEU-1..4, METEOR, CIDEr-D and SPICE, computed by pycocoevalcap.
+"""Captioning metrics as SQ-LLaVA's sqllava/eval/eval_image_caption.py computes them.
 
-Preprocessing follows SQ-LLaVA's sqllava/eval/eval_image_caption.py: lowercase, the characters
-.!"()*#:;~ become spaces, predictions are cut to 20 words and references to 50, then the
-Stanford PTB tokenizer runs and punctuation tokens are dropped (aac-metrics' preprocessing,
-which uses the same tokenizer jar and punctuation list as coco-caption). The reference then
-scores with aac-metrics, whose BLEU, METEOR (the same meteor-1.5 jar), CIDEr-D and SPICE follow
-coco-caption, which pycocoevalcap packages.
+That script: `pre_caption` on every caption (below; predictions cut at 20 words, its
+`--max_words` default, references at 50, `pre_caption`'s default), then aac-metrics'
+`preprocess_mono_sents` / `preprocess_mult_sents` (the Stanford PTB tokenizer of
+coco-caption, stanford-corenlp-3.4.1 with -preserveLines -lowerCase, dropping the same
+punctuation tokens), then aac-metrics' corpus-level `bleu` (n = 4, "closest" reference
+length: it reports BLEU-4 only, as "BLUE"), `meteor` (meteor-1.5, `-l en -norm`), `cider_d`
+(sigma 6, times 10) and `spice` (spice-1.0, the mean of the per-image "All" F-scores). Each
+of those is a port of the coco-caption scorer that pycocoevalcap packages, with the same
+jars, options and aggregation, so we score with pycocoevalcap: our `bleu_4`, `meteor`,
+`cider_d` and `spice` are the script's "BLUE", "METEOR", "Cider" and "SPICE" (fractions, and
+CIDEr-D in [0, 10], as it prints them). BLEU-1..3 come from the same computation.
+
+Where the two differ we follow aac-metrics: CIDEr-D of fewer than two images is refused
+(`unavailable`, with the reason; coco-caption would give 0). A caption that keeps a single
+newline after `pre_caption` makes aac-metrics' tokenizer raise; pycocoevalcap's turns it into
+a space, which we let it do.
 
 BLEU and CIDEr-D are pure Python. METEOR, SPICE and the PTB tokenizer run on Java; SPICE also
 needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads at first use. Whatever cannot run
@@ -35,13 +45,25 @@ CAPTION_METRICS = ("bleu", "meteor", "cider_d", "spice")
 TOKENIZERS = ("auto", "ptb", "simple")
 # The characters eval_image_caption.py's pre_caption turns into spaces.
 _REFERENCE_STRIPPED = re.compile(r"[.!\"()*#:;~]")
+_WHITESPACE_RUN = re.compile(r"\s{2,}")
+# eval_image_caption.py: `--max_words` (predictions) defaults to 20, pre_caption's own
+# `max_words` (references) to 50.
+PREDICTION_MAX_WORDS = 20
+REFERENCE_MAX_WORDS = 50
 _CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
 def preprocess_caption(text: str, max_words: int) -> str:
-  """Lowercased, .!"()*#:;~ turned into spaces, cut to `max_words` words (pre_caption)."""
-  words = _REFERENCE_STRIPPED.sub(" ", text.lower()).split()
-  return " ".join(words[:max_words])
+  """eval_image_caption.py's pre_caption: lowercased, .!"()*#:;~ turned into spaces, runs of
+  two or more whitespace characters merged into one space, trailing newlines and then
+  surrounding spaces stripped, and cut to `max_words` words split on single spaces.
+
+  A lone tab or newline is no run, so it stays inside its word: "a\tb c" is two words.
+  """
+  text = _WHITESPACE_RUN.sub(" ", _REFERENCE_STRIPPED.sub(" ", text.lower()))
+  text = text.rstrip("\n").strip(" ")
+  words = text.split(" ")
+  return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,7 +190,8 @@ def _check_inputs(predictions: Mapping[str, str], references: Mapping[str, Seque
 
 def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
                    metrics: Sequence[str] = CAPTION_METRICS, tokenizer: str = "auto",
-                   max_words: int = 20, max_reference_words: int = 50) -> dict[str, Any]:
+                   max_words: int = PREDICTION_MAX_WORDS,
+                   max_reference_words: int = REFERENCE_MAX_WORDS) -> dict[str, Any]:
   """Corpus-level caption metrics of `predictions` against `references`.
 
   predictions: `{image id: generated caption}`; references: `{image id: [captions]}` holding
@@ -176,7 +199,7 @@ def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequ
   metrics: any of "bleu" (BLEU-1..4), "meteor", "cider_d", "spice".
   tokenizer: "ptb" (Java), "simple" (pure Python, approximate) or "auto" (PTB when Java runs).
   CIDEr-D weighs n-grams by their document frequency over the scored references, so it needs a
-  corpus of many images: a single image scores 0.
+  corpus of many images; like aac-metrics it refuses a single one (`unavailable`).
   Returns `bleu_1`..`bleu_4`, `meteor`, `cider_d`, `spice` for those computed (BLEU, METEOR and
   SPICE in [0, 1], CIDEr-D in [0, 10]), `unavailable` (`{metric: reason}`), `tokenizer` and
   `num_images`.
@@ -192,6 +215,9 @@ def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequ
   report: dict[str, Any] = {}
   unavailable = {"ptb_tokenizer": fallback_reason} if fallback_reason else {}
   availability = caption_metric_availability()
+  if len(ids) < 2:
+    availability["cider_d"] = (f"CIDEr-D needs at least 2 images ({len(ids)} given): aac-metrics, "
+                               f"which eval_image_caption.py scores with, refuses fewer")
   for name in CAPTION_METRICS:
     if name not in metrics:
       continue
@@ -212,10 +238,22 @@ def _captions(value: Any) -> list[str]:
   return [value] if isinstance(value, str) else list(value)
 
 
-def references_from_annotations(annotations: Any) -> dict[str, list[str]]:
+def _record_captions(record: Any, what: str) -> list[str]:
+  if not isinstance(record, Mapping) or "caption" not in record:
+    raise ValueError(f"caption: {what} has no 'caption': {record!r}")
+  return _captions(record["caption"])
+
+
+def references_from_annotations(annotations: Any,
+                                answer_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
   """`{image id: [captions]}` from a COCO captions file's content (`{"annotations":
-  [{"image_id", "caption"}]}`), a mapping `{id: caption or [captions]}`, or a list of records
-  with `question_id` and `caption` (a string or a list)."""
+  [{"image_id", "caption"}]}`), a mapping `{id: caption or [captions]}`, a list of records
+  with `question_id` and `caption` (a string or a list), or a list of records without ids
+  (coco_karpathy_test.json, flickr30k_test.json: `{"image", "caption": [...]}`).
+
+  The last kind is matched by position, as eval_image_caption.py does (`anno[i]` for the
+  i-th answer line): `answer_ids` are the answers' ids in file order.
+  """
   if isinstance(annotations, Mapping) and "annotations" in annotations:
     references: dict[str, list[str]] = {}
     for a in annotations["annotations"]:
@@ -223,18 +261,30 @@ def references_from_annotations(annotations: Any) -> dict[str, list[str]]:
     return references
   if isinstance(annotations, Mapping):
     return {str(k): _captions(v) for k, v in annotations.items()}
-  records = index_unique(annotations, lambda r: str(r["question_id"]), "caption annotations")
-  return {k: _captions(r["caption"]) for k, r in records.items()}
+  annotations = list(annotations)
+  if all(isinstance(r, Mapping) and "question_id" in r for r in annotations):
+    records = index_unique(annotations, lambda r: str(r["question_id"]), "caption annotations")
+    return {k: _record_captions(r, f"annotation {k!r}") for k, r in records.items()}
+  if answer_ids is None:
+    raise ValueError("caption: annotation records without 'question_id' are matched to the "
+                     "answers by position; give the answers' ids in file order")
+  if len(answer_ids) > len(annotations):
+    raise ValueError(f"caption: {len(answer_ids)} answers but {len(annotations)} annotation "
+                     f"records; eval_image_caption.py pairs the i-th answer with the i-th "
+                     f"record, so the answers must come from this annotation file's questions")
+  return {k: _record_captions(annotations[i], f"annotation record {i}")
+          for i, k in enumerate(answer_ids)}
 
 
 def score_captions(predictions: Iterable[Record] | PathLike, annotations: Any, *,
                    metrics: Sequence[str] = CAPTION_METRICS, tokenizer: str = "auto") -> dict:
   """`caption_scores` for answer records (`question_id` = image id, `text` = caption).
 
-  annotations: as `references_from_annotations` reads them (e.g. COCO's captions_val2014.json).
+  annotations: as `references_from_annotations` reads them (e.g. COCO's captions_val2014.json
+    or the Karpathy test split's list, the latter matched by answer position).
   """
   records = as_answer_records(predictions, "caption")
   texts = index_unique(records, lambda r: str(r["question_id"]), "caption answers")
   return caption_scores({k: r["text"] for k, r in texts.items()},
-                        references_from_annotations(annotations), metrics=metrics,
+                        references_from_annotations(annotations, list(texts)), metrics=metrics,
                         tokenizer=tokenizer)

@@ -269,3 +269,17 @@ def test_textvqa_question_from_prompt(prompt, question):
 def test_textvqa_question_from_unknown_prompt_layout():
   with pytest.raises(ValueError, match="cannot find the question"):
     vqa.textvqa_question_from_prompt("just one line")
+
+
+def test_vqav2_string_annotations_count_by_position():
+  # Plain strings (a convenience layout, not the official one) have no records to compare:
+  # ten "yes" are ten humans.
+  result = vqa.vqav2_accuracy([{"question_id": 1, "text": "yes"}],
+                              [{"question_id": 1, "answers": ["yes"] * 10}])
+  assert result["accuracy"] == 1.0
+
+
+def test_vqav2_bad_human_answer_names_the_record():
+  with pytest.raises(ValueError, match="not a string or an {'answer': str} record"):
+    vqa.vqav2_accuracy([{"question_id": 1, "text": "yes"}],
+                       [{"question_id": 1, "answers": [{"text": "yes"}] * 10}])

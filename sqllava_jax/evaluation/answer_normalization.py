@@ -80,7 +80,8 @@ def _curl(text: str) -> str:
 
 
 VIZWIZ_CONTRACTIONS = {
-    (k if k in _VIZWIZ_STRAIGHT_KEYS else _curl(k)): (v if k in _VIZWIZ_STRAIGHT_VALUES else _curl(v))
+    (k if k in _VIZWIZ_STRAIGHT_KEYS else _curl(k)):
+        (v if k in _VIZWIZ_STRAIGHT_VALUES else _curl(v))
     for k, v in VQA_CONTRACTIONS.items()
 }
 

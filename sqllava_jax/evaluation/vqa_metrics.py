@@ -67,20 +67,19 @@ def vqa_soft_score(answer: str, human_answers: Sequence[str],
   return total / len(human_answers)
 
 
-def _human_records(annotation: Record, task: str) -> list[Mapping]:
-  """The human answers of one annotation as `{"answer": ...}` records (strings are wrapped)."""
+def _human_records(annotation: Record, task: str) -> list[str | Mapping]:
+  """The human answers of one annotation as given: strings or `{"answer": str, ...}` records."""
   if "answers" not in annotation or not annotation["answers"]:
     raise ValueError(f"{task}: annotation has no human 'answers': {dict(annotation)!r}")
-  records = [a if isinstance(a, Mapping) else {"answer": a} for a in annotation["answers"]]
-  for record in records:
-    if not isinstance(record.get("answer"), str):
+  for a in annotation["answers"]:
+    if not isinstance(a, str) and not (isinstance(a, Mapping) and isinstance(a.get("answer"), str)):
       raise ValueError(f"{task}: a human answer is not a string or an {{'answer': str}} record: "
-                       f"{record!r} in {dict(annotation)!r}")
-  return records
+                       f"{a!r} in {dict(annotation)!r}")
+  return list(annotation["answers"])
 
 
 def _human_answers(annotation: Record, task: str) -> list[str]:
-  return [r["answer"] for r in _human_records(annotation, task)]
+  return [a["answer"] if isinstance(a, Mapping) else a for a in _human_records(annotation, task)]
 
 
 def _accuracy_report(scores: Sequence[float], answer_types: Sequence[Any]) -> dict:

@@ -22,6 +22,7 @@ COMMANDS = {
     "build-dataset": ("sqllava_jax.commands.build_dataset",
                       "LLaVA JSON + images -> TFDS ArrayRecord shards"),
     "train": ("sqllava_jax.commands.train", "train a config (resumes from its output_dir)"),
+    "check-checkpoint": ("sqllava_jax.commands.check_checkpoint", "check checkpoint files against their checksums"),
     "generate": ("sqllava_jax.commands.generate", "answer prompts (with an image) with a checkpoint"),
     "ask": ("sqllava_jax.commands.ask", "self-questioning: the model asks questions about an image"),
     "eval": ("sqllava_jax.commands.eval", "batched generation over a question file, scored"),

@@ -417,6 +417,10 @@ class TrainConfig:
   save_every: int = 500
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
+  # A save that fails (disk full, a write error; the steps before it stay intact): `stop`
+  # training with the error, or `continue` and try again at the next save (a failed last
+  # save, at the end or on SIGTERM, always stops the run with its error).
+  on_save_error: Literal["stop", "continue"] = "stop"
   # A checkpoint to start from (e.g. stage 1 for stage 2, or a `convert import-hf` output):
   # parameters with the same path and shape are copied, except those matching
   # `init_from_exclude` (regexes), which keep their fresh initialisation.

@@ -8,9 +8,13 @@ A checkpoint directory is an orbax `CheckpointManager` directory; each step hold
     data     the Grain iterator state of every process (training runs only)
 
 Orbax writes a step into a temporary directory and renames it when complete, so a
-half-written (killed) checkpoint is never listed as the latest. The same layout serves
-training runs and converted models (`convert import-hf` writes step 0 with params + meta),
-so `train`, `eval`, `generate` and `ask` all take any of them.
+half-written (killed) checkpoint is never listed as the latest. Before that rename each step
+gets `integrity.json`, a checksum of every file (`integrity.py`), and nothing is restored
+from a step whose files disagree with it. A save that fails (disk full, a write error)
+raises `CheckpointSaveError` naming the step's directory and leaves the steps before it as
+they were. The same layout serves training runs and converted models (`convert import-hf`
+writes step 0 with params + meta), so `train`, `eval`, `generate` and `ask` all take any of
+them.
 """
 
 from __future__ import annotations
@@ -20,12 +24,30 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from sqllava_jax import configlib
 from sqllava_jax.config import Config
+from sqllava_jax.training import integrity
+from sqllava_jax.training.integrity import DamagedCheckpointError
+from sqllava_jax.training.on_main import barrier, on_main
 
 PARAMS, TRAIN, META, DATA = "params", "train", "meta", "data"
+
+
+# What a failing write raises: OSError from Python's own files, ValueError from tensorstore
+# ("OUT_OF_RANGE: Error writing ... File too large [os_error_code='27']").
+_SAVE_ERRORS = (OSError, ValueError)
+
+
+class CheckpointSaveError(RuntimeError):
+  """A step that could not be written (disk full, a write error). It was never committed, so
+  the steps saved before it are intact and restorable."""
+
+  def __init__(self, step: int, step_dir: str, cause: BaseException):
+    self.step, self.step_dir = step, step_dir
+    super().__init__(f"saving step {step} to {step_dir} failed: {type(cause).__name__}: {cause}")
 
 
 class Checkpointer:
@@ -34,9 +56,17 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int = 1, keep: Optional[int] = None,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    options = ocp.CheckpointManagerOptions(
+    # Temporary directories of failed or killed saves are removed when a writer opens the
+    # directory, which is also how a failed save gives its space back (see `_failed`).
+    self.options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(save_every, 1), max_to_keep=keep,
-        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        temporary_path_class=integrity.temporary_path_class(self.directory))
+    self.manager = self._open()
+    self._in_flight: Optional[int] = None  # the step of an async save not yet waited for
+
+  def _open(self) -> ocp.CheckpointManager:
     handlers = {PARAMS: ocp.StandardCheckpointHandler(), TRAIN: ocp.StandardCheckpointHandler(),
                 META: ocp.JsonCheckpointHandler()}
     try:
@@ -44,7 +74,7 @@ class Checkpointer:
       handlers[DATA] = grain.checkpoint.CheckpointHandler()
     except (ImportError, AttributeError):
       pass
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(self.directory, options=self.options, item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -52,27 +82,100 @@ class Checkpointer:
   def all_steps(self) -> Sequence[int]:
     return self.manager.all_steps()
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def save(self, step: int, *, params: Any, meta: Mapping[str, Any], train: Any = None,
            data_iter: Any = None, force: bool = False) -> bool:
+    """Starts (async) or writes the save of `step`. Raises CheckpointSaveError for this step,
+    or first for an earlier async save that failed since the last call."""
+    self.wait()
     items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(dict(meta))}
     if train is not None:
       items[TRAIN] = ocp.args.StandardSave(train)
     if data_iter is not None:
       import grain
       items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except _SAVE_ERRORS as e:
+      raise self._failed(step, e) from e
+    if saved and self.options.enable_async_checkpointing:
+      self._in_flight = step
+    return saved
+
+  def _failed(self, step: int, cause: BaseException) -> CheckpointSaveError:
+    """After a failed save orbax's own list of steps is wrong (it has already dropped the
+    steps that the new one would have replaced); a fresh manager lists what is on disk."""
+    try:
+      self.manager.close()
+    except _SAVE_ERRORS:
+      pass
+    self.manager = self._open()
+    return CheckpointSaveError(step, self.step_dir(step), cause)
 
   def item_names(self, step: int) -> set[str]:
     path = os.path.join(self.directory, str(step))
     return {name for name in os.listdir(path)} if os.path.isdir(path) else set()
 
+  # ---- integrity ----------------------------------------------------------------------------
+  def verify(self, step: int) -> list[str]:
+    """What is wrong with the files of `step` ([] when they match its manifest)."""
+    return integrity.verify(self.step_dir(step))
+
+  def check(self, step: int) -> None:
+    """Raises DamagedCheckpointError on every process unless `step` is intact (process 0
+    reads the files)."""
+    on_main(lambda: integrity.check(self.step_dir(step)) or 0,
+            elsewhere=lambda: DamagedCheckpointError(self.step_dir(step), ["see process 0"]))
+
+  def newest_intact(self) -> tuple[Optional[int], list[tuple[int, list[str]]]]:
+    """(the newest intact step, None when there is no step; [(step, problems)] of the newer,
+    damaged ones, on process 0). Raises DamagedCheckpointError when no step is intact."""
+    damaged: list[tuple[int, list[str]]] = []
+
+    def newest() -> int:
+      for step in sorted(self.all_steps(), reverse=True):
+        problems = self.verify(step)
+        if not problems:
+          return step
+        damaged.append((step, problems))
+      if damaged:
+        raise DamagedCheckpointError(
+            self.directory, [f"step {s}: " + "; ".join(p) for s, p in damaged] +
+            ["no step is intact; move the damaged ones away to start from scratch"])
+      return -1
+
+    step = on_main(newest, elsewhere=lambda: DamagedCheckpointError(
+        self.directory, ["no step is intact (process 0 names the files)"]))
+    return (None if step < 0 else step), damaged
+
+  def set_aside(self, steps: Sequence[int]) -> list[str]:
+    """Renames damaged steps to `<step>.damaged` (kept to inspect, ignored by orbax, out of
+    the way when that step is saved again); then every process lists the steps anew."""
+    moved = []
+    if jax.process_index() == 0:
+      for step in steps:
+        target, n = f"{self.step_dir(step)}.damaged", 1
+        while epath.Path(target).exists():
+          target, n = f"{self.step_dir(step)}.damaged-{n}", n + 1
+        epath.Path(self.step_dir(step)).rename(target)
+        moved.append(target)
+    barrier("sqllava_checkpoint_set_aside")
+    self.manager.reload()
+    return moved
+
+  # ---- restore ------------------------------------------------------------------------------
   def restore(self, step: Optional[int] = None, *, params: Any, train: Any = None,
-              data_iter: Any = None) -> dict:
+              data_iter: Any = None, verify: bool = True) -> dict:
     """Restores onto the shapes, dtypes and shardings of the abstract `params` / `train`
-    (ShapeDtypeStructs with `.sharding`: a different mesh than the saving run is fine)."""
+    (ShapeDtypeStructs with `.sharding`: a different mesh than the saving run is fine),
+    after checking the step's files against its manifest unless `verify=False`."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
+    if verify:
+      self.check(step)
     items = {PARAMS: ocp.args.StandardRestore(params), META: ocp.args.JsonRestore()}
     if train is not None:
       items[TRAIN] = ocp.args.StandardRestore(train)
@@ -89,10 +192,17 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until an async save is committed; raises CheckpointSaveError if it failed."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except _SAVE_ERRORS as e:
+      if step is None:
+        raise
+      raise self._failed(step, e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
@@ -138,9 +248,11 @@ def load_model(directory: str, *, step: Optional[int] = None, overrides: Sequenc
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory} holds no complete checkpoint (no step directory)")
+  ckpt.check(step)  # before its config is read: a damaged meta is reported as damage
   cfg = config_from_meta(ckpt.read_meta(step), overrides)
   model = abstract_model(cfg.model)
   graphdef, state = nnx.split(model)
-  restored = ckpt.restore(step, params=abstract_params(cfg.model, shardings))[PARAMS]
+  restored = ckpt.restore(step, params=abstract_params(cfg.model, shardings),
+                          verify=False)[PARAMS]
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state), cfg

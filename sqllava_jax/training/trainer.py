@@ -1,17 +1,22 @@
 """The training loop: set-up, restore, step, log, save.
 
-`Trainer(cfg).run()` trains `cfg` into `cfg.output_dir`, resuming from the latest complete
-checkpoint there. Every process runs the same code on its shard of the data; process 0 writes
-the logs. SIGTERM (preemption on TPU and SLURM) saves a checkpoint and returns normally.
+`Trainer(cfg).run()` trains `cfg` into `cfg.output_dir`, resuming from the newest intact
+checkpoint there (newer, damaged ones are named and set aside). Every process runs the same
+code on its shard of the data; process 0 writes the logs and holds the output directory's run
+lock, so a second run on it refuses at once. SIGTERM (preemption on TPU and SLURM) saves a
+checkpoint and returns normally. A failed save stops the run, or with
+`train.on_save_error: continue` is reported and training goes on.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -21,9 +26,11 @@ from tqdm import tqdm
 from sqllava_jax import configlib
 from sqllava_jax.config import Config
 from sqllava_jax.parallel.mesh import make_mesh
-from sqllava_jax.training.checkpoint import Checkpointer
+from sqllava_jax.training.checkpoint import Checkpointer, CheckpointSaveError
 from sqllava_jax.training.logger import MetricsLogger, plot_loss_curve, read_metrics
+from sqllava_jax.training.on_main import on_main
 from sqllava_jax.training.program import TrainProgram
+from sqllava_jax.training.run_lock import OutputDirLockedError, RunLock
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +48,24 @@ class Trainer:
     local_devices = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
     self.rows_per_step = cfg.train.per_device_batch_size * local_devices * self.accum
     self.is_main = jax.process_index() == 0
+    self.lock = self._lock_output_dir()
     self._build_pipeline()
     self._build_program()
     self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), save_every=1,
                              keep=cfg.train.keep_checkpoints,
                              async_save=cfg.train.async_checkpointing)
     self.stop_requested = False
+    self.failed_saves: list[int] = []
 
   # ---- set-up ---------------------------------------------------------------------------
+  def _lock_output_dir(self) -> RunLock:
+    """Before anything is written there: refuse if a live run holds output_dir."""
+    lock = RunLock(self.cfg.output_dir)
+    on_main(lambda: lock.acquire() or 0, elsewhere=lambda: OutputDirLockedError(
+        f"{self.cfg.output_dir} is in use by another run (process 0 names it)"))
+    atexit.register(lock.release)
+    return lock
+
   def _build_pipeline(self) -> None:
     from sqllava_jax.data.pipeline import make_pipeline
     forever = self.cfg.train.max_steps > 0
@@ -78,17 +95,26 @@ class Trainer:
   def init_or_restore(self) -> tuple[dict, Any]:
     """(state, data iterator): from the latest checkpoint in output_dir, else fresh."""
     it = iter(self.pipeline)
-    latest = self.ckpt.latest_step()
+    latest, damaged = self.ckpt.newest_intact()
+    self._set_aside(damaged)
     if latest is None:
       return self.fresh_state(), it
     a = self.abstract_state
     out = self.ckpt.restore(latest, params=a["params"],
-                            train={k: a[k] for k in ("opt_state", "step", "rng")}, data_iter=it)
+                            train={k: a[k] for k in ("opt_state", "step", "rng")}, data_iter=it,
+                            verify=False)
     state = {"params": out["params"], **out["train"]}
     self._truncate_logs(latest)
     if self.is_main:
       print(f"resumed from step {latest} in {self.ckpt.directory}", flush=True)
     return state, it
+
+  def _set_aside(self, damaged: list[tuple[int, list[str]]]) -> None:
+    """Moves damaged steps out of orbax's sight (so they are saved anew), saying why."""
+    moved = self.ckpt.set_aside([step for step, _ in damaged])  # every process: it re-lists
+    for (step, problems), where in zip(damaged, moved):
+      print(f"skipped step {step} of {self.ckpt.directory}: damaged ({'; '.join(problems)}); "
+            f"moved to {where}", file=sys.stderr, flush=True)
 
   # ---- the loop ---------------------------------------------------------------------------
   def run(self) -> dict:
@@ -117,11 +143,13 @@ class Trainer:
         self._flush(pending, logger, bar, it, window)
       if self.stop_requested:
         self._save(step, state, it, force=True)
+      self._wait_for_last_save()
     finally:
       bar.close()
       logger.close()
-      self.ckpt.wait()
+      self._settle_saves()
       signal.signal(signal.SIGTERM, previous)
+      self.lock.release()
     self.state = state
     return self._summary(step, it, time.time() - t0, stopped=self.stop_requested)
 
@@ -129,15 +157,47 @@ class Trainer:
     self.stop_requested = True
 
   def _save(self, step: int, state: dict, it, force: bool = False) -> None:
+    """Saves `step` (waits for it if `force`). A failed earlier async save is reported by the
+    first attempt; with `on_save_error: continue` this step is then tried once more."""
     if step in self.ckpt.all_steps():  # e.g. SIGTERM right after a scheduled save
       return
     meta = {"config": configlib.to_dict(self.cfg), "step": step,
             "skipped_examples": it.skipped, "total_steps": self.total_steps}
-    self.ckpt.save(step, params=state["params"], meta=meta,
-                   train={k: state[k] for k in ("opt_state", "step", "rng")}, data_iter=it,
-                   force=True)
-    if force:
+    for _ in range(2):
+      try:
+        self.ckpt.save(step, params=state["params"], meta=meta,
+                       train={k: state[k] for k in ("opt_state", "step", "rng")}, data_iter=it,
+                       force=True)
+        if force:
+          self.ckpt.wait()
+        return
+      except CheckpointSaveError as e:
+        self._save_failed(e, last=force)
+        if e.step == step:
+          return
+
+  def _save_failed(self, error: CheckpointSaveError, *, last: bool) -> None:
+    """Raises `error` unless training may go on (`on_save_error: continue`, not the last save)."""
+    self.failed_saves.append(error.step)
+    if last or self.cfg.train.on_save_error == "stop":
+      raise error
+    if self.is_main:
+      print(f"{error}\ntraining goes on (train.on_save_error=continue); the newest saved step "
+            f"is {self.ckpt.latest_step()}", file=sys.stderr, flush=True)
+
+  def _wait_for_last_save(self) -> None:
+    try:
       self.ckpt.wait()
+    except CheckpointSaveError as e:
+      self._save_failed(e, last=True)
+
+  def _settle_saves(self) -> None:
+    """On the way out of an error, a save in flight finishes; its own failure is printed (the
+    error on its way out is the one raised)."""
+    try:
+      self.ckpt.wait()
+    except CheckpointSaveError as e:
+      print(e, file=sys.stderr, flush=True)
 
   def _stop_if_nonfinite(self, step, state, it, metrics) -> None:
     loss, gnorm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
@@ -194,6 +254,7 @@ class Trainer:
     summary = {"steps": step, "total_steps": self.total_steps, "stopped_early": stopped,
                "final_loss": records[-1]["loss"] if records else None, "wall_s": round(wall, 2),
                "skipped_examples": it.skipped, "loss_curve": png,
+               "failed_saves": self.failed_saves,
                "skipped_updates": records[-1].get("skipped_updates") if records else None}
     if self.is_main:
       print(it.skip_summary(), flush=True)

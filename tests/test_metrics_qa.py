@@ -155,3 +155,10 @@ def test_scienceqa_without_image_problems():
 def test_scienceqa_problem_without_choices_says_what_is_missing():
   with pytest.raises(ValueError, match="'choices' and 'answer'"):
     scienceqa_accuracy([{"question_id": "1", "text": "A"}], {"1": {"question": "?"}})
+
+
+def test_score_dispatch_is_official_by_default():
+  from sqllava_jax.evaluation import metrics
+  result = metrics.score("scienceqa", [_answer("2", "(B)", True)], _PROBLEMS)
+  assert result["accuracy"] == 0.0 and result["failed_ids"] == ["2"]
+  assert not any(k.startswith("lenient") for k in result)

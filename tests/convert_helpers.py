@@ -128,3 +128,41 @@ def assert_close(got, want, atol: float, what: str) -> float:
   assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
   np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=what)
   return float(np.abs(got - want).max())
+
+
+def original_clip_tree(clip):
+  """The original's `CLIPVisionTower` around `clip` (a transformers CLIPVisionModel), named as
+  transformers 4.31 names it: `vision_tower.vision_model.encoder.layers.N...`, whatever
+  transformers is installed (5.x dropped the `vision_model` level; it is put back here)."""
+  import torch
+
+  class VisionModelLevel(torch.nn.Module):
+    def __init__(self, inner):
+      super().__init__()
+      self.vision_model = inner
+
+    def forward(self, *args, **kwargs):
+      return self.vision_model(*args, **kwargs)
+
+  class CLIPVisionTower(torch.nn.Module):
+    def __init__(self, inner):
+      super().__init__()
+      self.vision_tower = inner if hasattr(inner, "vision_model") else VisionModelLevel(inner)
+
+    def forward(self, pixel_values):  # [B, 3, H, W] -> every hidden state
+      return self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+
+  return CLIPVisionTower(clip)
+
+
+def peft_load_strict(model, directory: str):
+  """`PeftModel.from_pretrained(model, directory).merge_and_unload()` (the original's lora_pt
+  step), failing if PEFT reports any adapter key it could not place (it only warns)."""
+  import warnings
+  import peft
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    merged = peft.PeftModel.from_pretrained(model, directory).merge_and_unload()
+  bad = [str(w.message) for w in caught if "keys" in str(w.message).lower()]
+  assert not bad, bad
+  return merged.eval()

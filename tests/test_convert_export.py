@@ -1,6 +1,7 @@
 """After (simulated) LoRA training, every export format computes in transformers / peft / a
 PyTorch projector what our JAX model computes (fp32, <= 1e-4)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -16,8 +17,9 @@ from sqllava_jax.cli import main as cli
 from sqllava_jax.evaluation.prompts import question_prompt
 from sqllava_jax.training.checkpoint import load_model
 from tests.convert_helpers import (IMAGE_ID, TOKENIZER_VOCAB, assert_close, load_safetensors_dir,
-                                   nchw, our_logits, our_vision_hidden, pixels_nhwc, run_cli,
-                                   simulate_training, text_ids, write_yaml)
+                                   nchw, original_clip_tree, our_logits, our_vision_hidden,
+                                   peft_load_strict, pixels_nhwc, run_cli, simulate_training,
+                                   text_ids, write_yaml)
 from tests.data_helpers import train_tiny_tokenizer
 from tests.hf_fixtures import save_clip_vision, save_llama, tiny_llama_config, to_np
 from tests.test_projector_parity import torch_prototype_extractor
@@ -138,11 +140,12 @@ def test_peft_adapters_on_the_base_export_equal_the_merged_export(exports):
   with_adapters = peft.PeftModel.from_pretrained(llama(exports["llama_base"]),
                                                  exports["peft"] / "llm").eval()
   diff = assert_close(hf_logits(with_adapters, ids), merged, ATOL, "peft llm vs merged")
+  # vision/ is the original's Vit-lora/: it loads onto the original's CLIPVisionTower tree.
   pixels = nchw(pixels_nhwc(2, 32, seed=3))
-  vit = peft.PeftModel.from_pretrained(clip(exports["clip_base"]), exports["peft"] / "vision")
+  vit = peft_load_strict(original_clip_tree(clip(exports["clip_base"])), exports["peft"] / "vision")
   with torch.no_grad():
-    got = vit.eval()(pixel_values=pixels).last_hidden_state
-    want = clip(exports["clip"])(pixel_values=pixels).last_hidden_state
+    got = vit(pixels)[-1]
+    want = clip(exports["clip"])(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
   diff_v = assert_close(to_np(got), to_np(want), ATOL, "peft vision vs merged")
   with open(exports["peft"] / "llm" / "adapter_config.json") as f:
     assert json.load(f)["r"] == 8
@@ -156,7 +159,9 @@ def test_sqllava_export_is_the_reference_layout(cluster, exports):
     ref_cfg = json.load(f)
   assert ref_cfg["model_type"] == "llava" and ref_cfg["mm_projector_type"] == "cluster"
   assert ref_cfg["mm_hidden_size"] == 32 and ref_cfg["mm_vision_select_layer"] == -2
-  assert ref_cfg["mm_vision_tower"].endswith("vision_tower")
+  # --out as the test gave it (absolute here) + vision_tower/: what the original resolves.
+  assert ref_cfg["mm_vision_tower"] == str(out / "vision_tower")
+  assert "rope_theta" not in ref_cfg and ref_cfg["transformers_version"] == "4.31.0"
   tensors = load_safetensors_dir(str(out))
   prefix = "model.mm_projector."
   proj = {k[len(prefix):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith(prefix)}
@@ -166,10 +171,10 @@ def test_sqllava_export_is_the_reference_layout(cluster, exports):
   want = torch_prototype_extractor(torch.from_numpy(x), proj, 8, 2).numpy()
   diff = assert_close(np.asarray(model.projector(x)[0]), want, ATOL, "projector vs torch")
   # The LLM part is exactly a LlamaForCausalLM state dict (strict load).
-  fields = cfg.model.llm.to_hf_config()
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      **{k: ref_cfg[k] for k in fields if k not in ("architectures", "model_type")},
-      attn_implementation="eager"))
+  fields = {k: v for k, v in ref_cfg.items() if not k.startswith("mm_") and k not in (
+      "architectures", "model_type", "transformers_version")}
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields,
+                                                              attn_implementation="eager"))
   hf.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()
                       if not k.startswith(prefix)}, strict=True)
   ids = text_ids(1, SEQ, TOKENIZER_VOCAB, seed=5)
@@ -183,7 +188,10 @@ def test_sqllava_export_imports_back(cluster, exports, tmp_path):
   assert run_cli("import-sqllava", "--model", exports["sqllava"], "--config", config,
                  "--out", tmp_path / "back") == 0
   back, back_cfg = load_model(str(tmp_path / "back"))
-  assert back_cfg.model == cfg.model
+  # The original's transformers-4.31 config.json has no head_dim (it is hidden / heads).
+  assert back_cfg.model.llm.dim_per_head == cfg.model.llm.dim_per_head
+  llm = dataclasses.replace(cfg.model.llm, head_dim=None)
+  assert back_cfg.model == dataclasses.replace(cfg.model, llm=llm)
   n = cfg.model.num_image_tokens
   ids = np.concatenate([[[1]], np.full((1, n), IMAGE_ID), text_ids(1, 20, TOKENIZER_VOCAB)], 1)
   pixels = pixels_nhwc(1, 32, seed=6)

@@ -2,7 +2,7 @@
 
   convert import-hf --llm DIR --vision DIR [--projector FILE] --config CONFIG --out CKPT
   convert import-sqllava --model DIR [--base DIR] [--vision DIR] [--vit-lora DIR] --out CKPT
-  convert export-hf --ckpt CKPT --out DIR --format {llama,clip,llava,sqllava,peft}
+  convert export-hf --ckpt CKPT --out DIR --format FORMAT [--vision-tower NAME]
 
 Imports write a model-only orbax checkpoint (what `train`, `eval`, `generate` and `ask`
 read); exports write Hugging Face / reference / PEFT directories. Every output is written
@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from sqllava_jax.config import Config, load_config
+from sqllava_jax.convert import FORMATS
 
 
 def _add_output(p: argparse.ArgumentParser, what: str) -> None:
@@ -44,18 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "with mm_* fields: merged, LoRA, or stage-1 mm_projector.bin)")
   p.add_argument("--base", help="base LLM directory, for LoRA and stage-1 checkpoints")
   p.add_argument("--vision", help="CLIP vision tower directory (default: mm_vision_tower)")
-  p.add_argument("--vit-lora", help="ViT-LoRA PEFT directory (default: MODEL/Vit-lora if present)")
+  p.add_argument("--vit-lora", help="ViT-LoRA PEFT directory, the original's lora_pt (default: "
+                 "MODEL/Vit-lora if present; the ViT tensors inside MODEL's adapter_model are "
+                 "never applied, as in the original)")
   _add_config(p, required=False)
   _add_output(p, "checkpoint directory")
 
   p = sub.add_parser("export-hf", help="checkpoint -> HF / reference / PEFT directory")
   p.add_argument("--ckpt", required=True, help="sqllava-jax checkpoint directory")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-  p.add_argument("--format", required=True,
-                 choices=("llama", "clip", "llava", "sqllava", "peft"),
+  p.add_argument("--format", required=True, choices=FORMATS,
                  help="llama: LlamaForCausalLM; clip: CLIPVisionModel; llava: "
-                      "LlavaForConditionalGeneration + processor (mlp2x_gelu); sqllava: the "
-                      "reference code's layout; peft: LoRA adapters only")
+                      "LlavaForConditionalGeneration + processor (mlp2x_gelu); sqllava, "
+                      "sqllava-lora, sqllava-stage1: the original code's merged, LoRA and "
+                      "stage-1 layouts; peft: LoRA adapters only")
+  p.add_argument("--vision-tower", help="mm_vision_tower for the sqllava layouts, written as "
+                 "given: the tower the original loads (a hub id, or a path as it resolves it); "
+                 "required for sqllava-lora and sqllava-stage1 (default for sqllava: "
+                 "OUT/vision_tower)")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                  help="weights dtype (auto: the config's model.param_dtype)")
   p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
@@ -103,7 +110,7 @@ def run_export(args) -> str:
   from sqllava_jax.convert.safetensors_writer import parse_size
   options = ExportOptions(dtype=args.dtype, merge_lora=args.merge_lora,
                           max_shard_bytes=parse_size(args.shard_size), tokenizer=args.tokenizer,
-                          progress=args.progress)
+                          progress=args.progress, vision_tower=args.vision_tower)
   return export_checkpoint(args.ckpt, args.out, args.format, options, step=args.step,
                            overwrite=args.overwrite)
 

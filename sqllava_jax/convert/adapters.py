@@ -58,6 +58,34 @@ def adapter_config(lora: LoRAConfig, *, base_model: str = "",
           "layers_pattern": None}
 
 
+# The fields of `adapter_config.json` as PEFT 0.4.0 (the original's pin) writes them; newer
+# PEFT reads this set too (absent fields take their defaults).
+PEFT_040_FIELDS = ("base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+                   "init_lora_weights", "layers_pattern", "layers_to_transform", "lora_alpha",
+                   "lora_dropout", "modules_to_save", "peft_type", "r", "revision",
+                   "target_modules", "task_type")
+
+
+def original_adapter_config(lora: LoRAConfig, *, task_type: Optional[str] = None) -> dict:
+  """`adapter_config.json` with exactly PEFT 0.4.0's fields."""
+  full = {**adapter_config(lora, task_type=task_type), "revision": None}
+  return {key: full[key] for key in PEFT_040_FIELDS}
+
+
+def check_ranks(source, names: Sequence[str], lora: LoRAConfig, config_path: str) -> None:
+  """Every `lora_A` [r, in] and `lora_B` [out, r] of `names` in `source` has the config's rank."""
+  for name in names:
+    axis = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+    if axis is None:
+      continue
+    shape = tuple(source.get(name).shape)
+    if len(shape) != 2 or shape[axis] != lora.rank:
+      where = getattr(source, "where", "adapter")
+      raise CheckpointError(f"{where}: tensor {name} has shape {shape}, rank "
+                            f"{shape[axis] if len(shape) == 2 else '?'}, but {config_path} says "
+                            f"r={lora.rank}; the adapter and its config do not belong together")
+
+
 def write_adapter(directory: str, tensors: Sequence[tuple[str, np.ndarray]], config: dict) -> None:
   """`adapter_config.json` + `adapter_model.safetensors` in `directory`."""
   from sqllava_jax.convert.safetensors_writer import write_file
@@ -115,5 +143,7 @@ def adapter_reader(directory: str) -> CheckpointReader:
   for name in WEIGHT_NAMES:
     path = os.path.join(directory, name)
     if os.path.isfile(path):
-      return CheckpointReader(directory, files=[path])
+      reader = CheckpointReader(directory, files=[path])
+      reader.where = path
+      return reader
   raise CheckpointError(f"{directory}: no adapter weights ({' or '.join(WEIGHT_NAMES)})")

@@ -1,12 +1,15 @@
-"""`convert export-hf`: a sqllava-jax checkpoint -> Hugging Face, reference or PEFT directories.
+"""`convert export-hf`: a sqllava-jax checkpoint -> Hugging Face, original-code or PEFT directories.
 
 Formats:
-  llama    the LLM, LoRA merged, as transformers' `LlamaForCausalLM`
-  clip     the vision tower, ViT-LoRA merged, as transformers' `CLIPVisionModel`
-  llava    (`mlp2x_gelu` models) transformers' `LlavaForConditionalGeneration` + `AutoProcessor`
-  sqllava  the reference code's layout: LLaVA config.json, `model.*` + `model.mm_projector.*`
-           weights, the merged vision tower in `vision_tower/`
-  peft     adapters only: `llm/` and `vision/` PEFT LoRA directories
+  llama           the LLM, LoRA merged, as transformers' `LlamaForCausalLM`
+  clip            the vision tower, ViT-LoRA merged, as transformers' `CLIPVisionModel`
+  llava           (`mlp2x_gelu` models) transformers' `LlavaForConditionalGeneration` +
+                  `AutoProcessor`
+  sqllava         the original code's merged layout (`reference_export`)
+  sqllava-lora    the original's stage-2 LoRA layout (`reference_export`)
+  sqllava-stage1  the original's stage-1 layout (`reference_export`)
+  peft            adapters only: `llm/` (on `LlamaForCausalLM`) and `vision/` (the original's
+                  `Vit-lora/`, on its CLIPVisionTower) PEFT LoRA directories
 
 Weights stream tensor by tensor from the restored parameters into safetensors shards (LoRA
 merged per tensor, `params.ParamSource`), with a progress bar; everything lands in a
@@ -24,7 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from sqllava_jax.config import Config
-from sqllava_jax.convert import adapters, reference, tokenizer_files
+from sqllava_jax.convert import FORMATS, adapters, reference, reference_export, tokenizer_files
 from sqllava_jax.convert.hf_io import CheckpointError
 from sqllava_jax.convert.keymap import KeySpec, export_tensors, prefixed
 from sqllava_jax.convert.output import atomic_directory, check_output
@@ -32,7 +35,7 @@ from sqllava_jax.convert.params import ParamSource, load_for_export, output_dtyp
 from sqllava_jax.convert.safetensors_writer import ShardedWriter
 from sqllava_jax.models import llama, vision
 
-FORMATS = ("llama", "clip", "llava", "sqllava", "peft")
+ADAPTER_FORMATS = ("peft",) + reference_export.ADAPTER_FORMATS  # LoRA written apart, unmerged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ExportOptions:
   tokenizer: Optional[str] = None     # default: tokenizer.model beside the checkpoint, else
                                       # the config's data tokenizer
   progress: bool = True
+  vision_tower: Optional[str] = None  # mm_vision_tower of the original's layouts, as given
 
 
 @dataclasses.dataclass
@@ -52,8 +56,10 @@ class Job:
   cfg: Config
   options: ExportOptions
   dtype: np.dtype
-  final_dir: str  # where the output will live once renamed (for paths inside config.json)
+  final_dir: str  # where the output will live once renamed
   ckpt: str
+  fmt: str = ""
+  out_arg: str = ""  # --out as the user gave it (relative stays relative)
 
   @property
   def dtype_name(self) -> str:
@@ -121,53 +127,19 @@ def export_clip(directory: str, job: Job) -> None:
   write_weights(directory, job, clip_specs(job), desc="clip")
 
 
-def export_sqllava(directory: str, job: Job) -> None:
-  """The reference's merged layout; its `mm_vision_tower` is this export's `vision_tower/`."""
-  m = job.cfg.model
-  if m.projector.type == "cluster" and (m.projector.num_prototypes, m.projector.num_iterations) \
-      != (reference.REFERENCE_PROTOTYPES, reference.REFERENCE_ITERATIONS):
-    print(f"export-hf: warning: the reference code always builds the prototype extractor with "
-          f"{reference.REFERENCE_PROTOTYPES} prototypes and {reference.REFERENCE_ITERATIONS} "
-          f"iterations; this model uses {m.projector.num_prototypes} and "
-          f"{m.projector.num_iterations} (the weights load, the outputs differ)", file=sys.stderr)
-  tower = os.path.join(directory, "vision_tower")
-  os.makedirs(tower)
-  export_clip(tower, job)
-  cfg = reference.reference_config(job.cfg, dtype=job.dtype_name,
-                                   vision_tower=os.path.join(job.final_dir, "vision_tower"))
-  write_json(directory, "config.json", cfg)
-  write_json(directory, "generation_config.json", generation_config(job))
-  path = tokenizer_path(job)
-  if path:
-    tokenizer_files.write_slow_tokenizer(directory, path,
-                                         model_max_length=m.llm.max_position_embeddings)
-  specs = reference.llm_specs(m.llm) + reference.projector_specs(m.projector)
-  write_weights(directory, job, specs, desc="sqllava")
-
-
 def export_peft(directory: str, job: Job) -> None:
-  """`llm/` (on `LlamaForCausalLM`) and `vision/` (on `CLIPVisionModel`) adapter directories."""
+  """`llm/` (on `LlamaForCausalLM`) and `vision/` (the original's `Vit-lora/` layout, whose
+  names are the original's module tree's, whatever transformers is installed)."""
   m = job.cfg.model
-  parts = [("llm", m.llm_lora, llama.hf_key_map(m.llm), "", "CAUSAL_LM"),
-           ("vision", m.vit_lora, vision.hf_key_map(m.vision), peft_clip_strip(), None)]
-  for name, lora, base, strip, task in parts:
-    if not lora.enabled:
-      continue
-    if strip:  # transformers 5's CLIPVisionModel has no `vision_model.` module level
-      base = [dataclasses.replace(s, hf=s.hf[len(strip):]) for s in base]
-    specs = prefixed(adapters.lora_key_map(base, lora.targets), ours_prefix=f"{name}/")
+  if m.llm_lora.enabled:
+    specs = prefixed(adapters.lora_key_map(llama.hf_key_map(m.llm), m.llm_lora.targets),
+                     ours_prefix="llm/")
     tensors = [(n, v.astype(job.dtype, copy=False))
                for n, v in export_tensors(specs, job.source.get)]
-    adapters.write_adapter(os.path.join(directory, name), tensors,
-                           adapters.adapter_config(lora, task_type=task))
-
-
-def peft_clip_strip() -> str:
-  """The prefix PEFT adapter names must drop from our CLIP names for the installed
-  transformers: version 5 flattened `CLIPVisionModel` (no `vision_model` submodule), and PEFT
-  names adapters after the live module tree."""
-  import transformers
-  return "vision_model." if int(transformers.__version__.split(".")[0]) >= 5 else ""
+    adapters.write_adapter(os.path.join(directory, "llm"), tensors,
+                           adapters.adapter_config(m.llm_lora, task_type="CAUSAL_LM"))
+  if m.vit_lora.enabled:
+    reference_export.write_vit_lora(os.path.join(directory, "vision"), job)
 
 
 def export_llava(directory: str, job: Job) -> None:
@@ -176,11 +148,11 @@ def export_llava(directory: str, job: Job) -> None:
 
 
 EXPORTERS: dict[str, Callable[[str, Job], None]] = {
-    "llama": export_llama, "clip": export_clip, "llava": export_llava,
-    "sqllava": export_sqllava, "peft": export_peft}
+    "llama": export_llama, "clip": export_clip, "llava": export_llava, "peft": export_peft,
+    **reference_export.EXPORTERS}
 
 
-def check_exportable(fmt: str, cfg: Config, options: ExportOptions, ckpt: str) -> None:
+def check_exportable(fmt: str, cfg: Config, options: ExportOptions, ckpt: str, out: str) -> None:
   """Refuses up front (before anything is written) what a format cannot represent."""
   m = cfg.model
   if fmt == "peft" and not (m.llm_lora.enabled or m.vit_lora.enabled):
@@ -189,6 +161,8 @@ def check_exportable(fmt: str, cfg: Config, options: ExportOptions, ckpt: str) -
   if fmt == "llava":
     from sqllava_jax.convert import llava_format
     llava_format.check(cfg, tokenizer_files.find_tokenizer(options.tokenizer, cfg, ckpt))
+  if fmt in reference_export.EXPORTERS:
+    reference_export.check(fmt, cfg, options, out)
 
 
 def export_checkpoint(ckpt: str, out: str, fmt: str, options: ExportOptions = ExportOptions(),
@@ -198,9 +172,9 @@ def export_checkpoint(ckpt: str, out: str, fmt: str, options: ExportOptions = Ex
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
   final = check_output(out, overwrite=overwrite)
   model, cfg = load_for_export(ckpt, step)
-  check_exportable(fmt, cfg, options, ckpt)
-  job = Job(ParamSource(model, merge_lora=options.merge_lora and fmt != "peft"), cfg, options,
-            output_dtype(options.dtype, cfg), final, ckpt)
+  check_exportable(fmt, cfg, options, ckpt, out)
+  job = Job(ParamSource(model, merge_lora=options.merge_lora and fmt not in ADAPTER_FORMATS),
+            cfg, options, output_dtype(options.dtype, cfg), final, ckpt, fmt=fmt, out_arg=out)
   with atomic_directory(final, overwrite=overwrite) as tmp:
     EXPORTERS[fmt](tmp, job)
   return final

@@ -51,6 +51,19 @@ def _torch_to_numpy(tensor) -> np.ndarray:
   return tensor.detach().cpu().numpy()
 
 
+def _tensors_only(path: str, loaded) -> dict:
+  """`loaded` (a .bin's content) if it maps names to tensors; weights_only still admits
+  numbers, strings and nested dicts, which are no weights."""
+  import torch
+  if not isinstance(loaded, dict):
+    raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a dict of tensors")
+  for key, value in loaded.items():
+    if not isinstance(value, torch.Tensor):
+      raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                            "weight files must hold tensors only")
+  return loaded
+
+
 class CheckpointReader:
   """Lazy access to the tensors of one HF checkpoint directory (or a list of files)."""
 
@@ -78,9 +91,10 @@ class CheckpointReader:
     if path not in self._bins:
       import torch
       try:
-        self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
       except Exception as e:
         raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True) ({e})") from e
+      self._bins[path] = _tensors_only(path, loaded)
     return self._bins[path]
 
   def keys(self):

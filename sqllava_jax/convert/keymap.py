@@ -124,6 +124,29 @@ class RenamedSource:
     return self._source.get(self._names[name])
 
 
+class OverlaySource:
+  """Sources read as one, a later source's tensor replacing an earlier one's of the same name
+  (a base checkpoint under the files a fine-tune saved, as `load_state_dict` lays them over)."""
+
+  def __init__(self, sources: Sequence):
+    self.where = " + ".join(getattr(s, "where", "checkpoint") for s in sources)
+    self._owner = {}
+    for source in sources:
+      for name in source.keys():
+        self._owner[name] = source
+
+  def keys(self):
+    return self._owner.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._owner[name].get(name)
+
+  def where_of(self, name: str) -> str:
+    """The file or directory the tensor `name` comes from."""
+    owner = self._owner.get(name)
+    return getattr(owner, "where", self.where) if owner is not None else self.where
+
+
 def is_float_dtype(dtype: np.dtype) -> bool:
   """float16/32/64 and bfloat16 (which numpy knows only through ml_dtypes)."""
   return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
@@ -144,6 +167,7 @@ def import_tensors(specs: Sequence[KeySpec], source, expected: Mapping[str, tupl
   if unexpected:
     raise ValueError(f"{where}: {len(unexpected)} unexpected tensors, e.g. "
                      f"{', '.join(unexpected[:5])}; is this the right kind of checkpoint?")
+  where_of = getattr(source, "where_of", lambda name: where)
   out = {}
   for spec in specs:
     if spec.ours not in expected:
@@ -153,12 +177,12 @@ def import_tensors(specs: Sequence[KeySpec], source, expected: Mapping[str, tupl
     for name in spec.hf_names():
       raw = source.get(name)
       if not is_float_dtype(raw.dtype):
-        raise ValueError(f"{where}: tensor {name} has dtype {raw.dtype}; weights must be "
-                         "floating point (float32, bfloat16 or float16): is the file damaged?")
+        raise ValueError(f"{where_of(name)}: tensor {name} has dtype {raw.dtype}; weights must "
+                         "be floating point (float32, bfloat16 or float16): is the file damaged?")
       value = spec.to_ours(raw)
       if tuple(value.shape) != (want[1:] if spec.num_layers else want):
-        raise ValueError(f"{where}: tensor {name} has shape {tuple(raw.shape)}, which does not "
-                         f"fit {spec.ours} of shape {want}"
+        raise ValueError(f"{where_of(name)}: tensor {name} has shape {tuple(raw.shape)}, which "
+                         f"does not fit {spec.ours} of shape {want}"
                          f"{' (stacked over layers)' if spec.num_layers else ''}; "
                          "does the config match the weights?")
       per_layer.append(value)

@@ -128,6 +128,7 @@ def test_vqav2_accuracy_per_answer_type():
   assert result["num_questions"] == 3
   assert result["accuracy"] == pytest.approx((1.0 + 0.6 + 0.0) / 3, abs=1e-12)
   assert result["per_answer_type"] == pytest.approx({"number": 0.6, "other": 0.0, "yes/no": 1.0})
+  assert result["per_question_type"] == pytest.approx({"what": (1.0 + 0.6 + 0.0) / 3})
 
 
 def test_vqav2_question_ids_match_across_types():

@@ -82,14 +82,21 @@ def _human_answers(annotation: Record, task: str) -> list[str]:
   return [a["answer"] if isinstance(a, Mapping) else a for a in _human_records(annotation, task)]
 
 
-def _accuracy_report(scores: Sequence[float], answer_types: Sequence[Any]) -> dict:
-  """`accuracy` and `num_questions`, plus `per_answer_type` when the annotations have types."""
+def _per_type(scores: Sequence[float], types: Sequence[Any]) -> dict[str, float]:
+  by_type = defaultdict(list)
+  for score, t in zip(scores, types):
+    by_type[str(t)].append(score)
+  return {t: mean(s) for t, s in sorted(by_type.items())}
+
+
+def _accuracy_report(scores: Sequence[float], annotations: Sequence[Record]) -> dict:
+  """`accuracy` and `num_questions`, plus `per_answer_type` and `per_question_type` (the
+  official evaluation's other two tables) for the annotations that carry those fields."""
   report = {"accuracy": mean(scores), "num_questions": len(scores)}
-  if any(t is not None for t in answer_types):
-    by_type = defaultdict(list)
-    for score, answer_type in zip(scores, answer_types):
-      by_type[str(answer_type)].append(score)
-    report["per_answer_type"] = {t: mean(s) for t, s in sorted(by_type.items())}
+  for field, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
+    types = [a.get(field) for a in annotations]
+    if any(t is not None for t in types):
+      report[key] = _per_type(scores, types)
   return report
 
 
@@ -121,8 +128,10 @@ def vqav2_accuracy(predictions: Iterable[Record] | PathLike, annotations: Any) -
   predictions: answer records (`question_id`, `text`) or an answers JSONL path.
   annotations: the official annotation file's content (`{"annotations": [...]}`), a list of
     its records, or `{question_id: record}`; a record has `answers` (ten
-    `{"answer": ...}` dicts or strings) and optionally `answer_type`.
-  Returns `accuracy`, `num_questions` and `per_answer_type` (fractions in [0, 1]).
+    `{"answer": ...}` dicts or strings) and optionally `answer_type` and `question_type`.
+  Returns `accuracy`, `num_questions`, `per_answer_type` and `per_question_type` (fractions
+  in [0, 1]; vqaEval.py prints them times 100, rounded to 2 decimals). Only the answered
+  questions count; vqaEval.py refuses an answers file that misses any annotated question.
   """
   task = "vqav2"
   records = as_answer_records(predictions, task)
@@ -130,11 +139,11 @@ def vqav2_accuracy(predictions: Iterable[Record] | PathLike, annotations: Any) -
     annotations = annotations["annotations"]
   index = records_by_question_id(annotations, task)
 
-  scores, types = [], []
+  scores, matched = [], []
   for prediction, annotation in match_answers(records, question_id_resolver(index, task), task):
     scores.append(vqav2_soft_score(prediction["text"], _human_records(annotation, task)))
-    types.append(annotation.get("answer_type"))
-  return _accuracy_report(scores, types)
+    matched.append(annotation)
+  return _accuracy_report(scores, matched)
 
 
 def _vizwiz_key(record: Record) -> str:
@@ -163,15 +172,15 @@ def vizwiz_accuracy(predictions: Iterable[Record] | PathLike, annotations: Any) 
     annotations = [{"question_id": k, **v} for k, v in annotations.items()]
   index = index_unique(annotations, _vizwiz_key, f"{task} annotations")
 
-  scores, types = [], []
+  scores, matched = [], []
   for prediction, annotation in match_answers(records, question_id_resolver(index, task), task):
     # The submission step (EvalAI processor), then the VizWiz evaluation's own normalisation
     # (its curly-apostrophe table); it leaves the human answers as written, and leaves them
     # out by position.
     answer = VIZWIZ(EVALAI(prediction["text"]))
     scores.append(vqa_soft_score(answer, _human_answers(annotation, task)))
-    types.append(annotation.get("answer_type"))
-  return _accuracy_report(scores, types)
+    matched.append(annotation)
+  return _accuracy_report(scores, matched)
 
 
 _OCR_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)

@@ -26,6 +26,8 @@ COMMANDS = {
     "generate": ("sqllava_jax.commands.generate", "answer prompts (with an image) with a checkpoint"),
     "ask": ("sqllava_jax.commands.ask", "self-questioning: the model asks questions about an image"),
     "eval": ("sqllava_jax.commands.eval", "batched generation over a question file, scored"),
+    "eval-suite": ("sqllava_jax.commands.eval_suite",
+                   "every benchmark of the paper's table: answered, scored, resumable"),
     "plan": ("sqllava_jax.commands.plan",
              "per-device memory and FLOPs of a config's train step, compiled on CPU devices"),
     "demo": ("sqllava_jax.commands.demo",

@@ -90,8 +90,10 @@ def _answers(engine: Engine, batch: Sequence[dict], pixels, settings: EvalSettin
              for q, p in zip(batch, pixels)]
   done = engine.complete(prompts, pixels, max_new_tokens=settings.max_new_tokens,
                          sampling=settings.sampling, seed=seed, with_pixels=with_pixels)
-  return [[{"question_id": q["question_id"], "prompt": q["text"], "text": c.text}]
-          for q, c in zip(batch, done)]
+  # A question may carry the `prompt` its benchmark's answer files record (ScienceQA's marks
+  # its image with '<image>', which the official scorer reads).
+  return [[{"question_id": q["question_id"], "prompt": q.get("prompt", q["text"]),
+            "text": c.text}] for q, c in zip(batch, done)]
 
 
 def _load_batch(items: list[tuple[int, dict]], size: int, images: Callable,

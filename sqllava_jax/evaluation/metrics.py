@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from sqllava_jax.evaluation import mmbench, seed_bench
 from sqllava_jax.evaluation.caption_metrics import (caption_metric_availability, caption_scores,
                                                     preprocess_caption, score_captions)
 from sqllava_jax.evaluation.mme import (MME_COGNITION, MME_PERCEPTION, load_mme_annotations,
@@ -52,6 +53,8 @@ TASKS: dict[str, Scorer] = {
     "pope": pope_scores,
     "mme": mme_scores,
     "caption": score_captions,
+    "mmbench": mmbench.circular_scores,
+    "seed_bench": seed_bench.seed_scores,
 }
 
 
@@ -66,6 +69,8 @@ def load_annotations(task: str, path: str | os.PathLike) -> Any:
   """Reads an annotation file (JSON, or JSONL as records), or MME's benchmark folder."""
   if task == "mme" and os.path.isdir(path):
     return load_mme_annotations(path)
+  if task == "mmbench":
+    return mmbench.read_tsv(path)[1]
   return load_json_or_jsonl(path)
 
 

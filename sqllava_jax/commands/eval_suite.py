@@ -1,0 +1,81 @@
+"""`sqllava-jax eval-suite --ckpt CKPT --suite configs/eval/paper.yaml --data DIR --out OUT`:
+every benchmark of the suite whose files are under DIR (LLaVA's `playground/data/eval`
+layout), answered with the reference's prompts and decoding, scored, judged or written as
+the server's submission file; `OUT/results.md` puts the paper's numbers beside ours.
+
+A killed run continues where it stopped when run again with the same arguments: answers
+are appended per batch and judge replies cached, so no question is asked twice and no judge
+request paid twice. Judged benchmarks (LLaVA-Bench, MM-Vet) need `--judge-url` and
+`--judge-model` (any OpenAI-compatible endpoint; the key is read from `--judge-key-env`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from sqllava_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
+  loading.add_model_arguments(parser)
+  parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/eval/paper.yaml")
+  parser.add_argument("--data", required=True,
+                      help="benchmark data folder (LLaVA's playground/data/eval layout)")
+  parser.add_argument("--out", required=True, help="output folder (one run owns it)")
+  parser.add_argument("--batch-size", type=int, default=8, help="global batch (all processes)")
+  parser.add_argument("--max-new-tokens", type=int, default=None,
+                      help="cap every benchmark's budget (smoke runs; not the paper's protocol)")
+  parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                      help="run only this benchmark (repeatable)")
+  parser.add_argument("--model-id", default=None, help="default: the checkpoint folder's name")
+  parser.add_argument("--judge-url", default=None,
+                      help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
+  parser.add_argument("--judge-model", default=None, help="judge model, e.g. gpt-4-0613")
+  parser.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                      help="environment variable holding the judge's API key")
+  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
+  parser.add_argument("--num-processes", type=int, help="number of processes")
+  parser.add_argument("--process-id", type=int, help="this process's index")
+
+
+def _options(args: argparse.Namespace):
+  from sqllava_jax.evaluation.judge import JudgeConfig  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.evaluation.suite import SuiteOptions  # pylint: disable=g-import-not-at-top
+  judge = None
+  if args.judge_url or args.judge_model:
+    if not (args.judge_url and args.judge_model):
+      raise ValueError("give both --judge-url and --judge-model, or neither")
+    judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model,
+                        api_key_env=args.judge_key_env)
+  return SuiteOptions(data_dir=args.data, out_dir=args.out,
+                      model_id=args.model_id or os.path.basename(os.path.normpath(args.ckpt)),
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      only=tuple(args.only), judge=judge, progress=args.progress)
+
+
+def run(args: argparse.Namespace) -> int:
+  from sqllava_jax.parallel.multihost import maybe_initialize_distributed
+  maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.evaluation import data_parallel as dp
+  from sqllava_jax.evaluation import loading, suite
+  from sqllava_jax.evaluation.benchmarks import load_suite
+  from sqllava_jax.evaluation.engine import Engine
+  try:
+    options = _options(args)
+    load_suite(args.suite)  # a broken suite fails before the model loads
+    model, cfg = loading.load_for_inference(args.ckpt, step=args.step, overrides=args.override,
+                                            merge_lora=args.merge_lora)
+    engine = Engine(model, loading.tokenizer_for(cfg, args.ckpt, args.tokenizer),
+                    mesh=dp.eval_mesh_if_parallel())
+    report = suite.run_suite(engine, args.suite, options,
+                             aspect_ratio=cfg.data.image_aspect_ratio)
+  except ValueError as e:
+    print(f"sqllava-jax eval-suite: error: {e}", file=sys.stderr)
+    return 2
+  if report is not None:
+    print(suite.markdown(report))
+    print(f"wrote {os.path.join(args.out, 'results.md')} and results.json")
+  return 0

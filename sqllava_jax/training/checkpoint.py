@@ -20,6 +20,7 @@ them.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -39,6 +40,7 @@ PARAMS, TRAIN, META, DATA = "params", "train", "meta", "data"
 # What a failing write raises: OSError from Python's own files, ValueError from tensorstore
 # ("OUT_OF_RANGE: Error writing ... File too large [os_error_code='27']").
 _SAVE_ERRORS = (OSError, ValueError)
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='.*?\}'\]")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -47,7 +49,8 @@ class CheckpointSaveError(RuntimeError):
 
   def __init__(self, step: int, step_dir: str, cause: BaseException):
     self.step, self.step_dir = step, step_dir
-    super().__init__(f"saving step {step} to {step_dir} failed: {type(cause).__name__}: {cause}")
+    why = _TENSORSTORE_SPEC.sub("", str(cause))  # the path and OS error stay, the spec goes
+    super().__init__(f"saving step {step} to {step_dir} failed: {type(cause).__name__}: {why}")
 
 
 class Checkpointer:

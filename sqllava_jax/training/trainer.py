@@ -49,11 +49,15 @@ class Trainer:
     self.rows_per_step = cfg.train.per_device_batch_size * local_devices * self.accum
     self.is_main = jax.process_index() == 0
     self.lock = self._lock_output_dir()
-    self._build_pipeline()
-    self._build_program()
-    self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), save_every=1,
-                             keep=cfg.train.keep_checkpoints,
-                             async_save=cfg.train.async_checkpointing)
+    try:
+      self._build_pipeline()
+      self._build_program()
+      self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), save_every=1,
+                               keep=cfg.train.keep_checkpoints,
+                               async_save=cfg.train.async_checkpointing)
+    except BaseException:
+      self.lock.release()
+      raise
     self.stop_requested = False
     self.failed_saves: list[int] = []
 
@@ -118,6 +122,13 @@ class Trainer:
 
   # ---- the loop ---------------------------------------------------------------------------
   def run(self) -> dict:
+    """Trains to the end (or SIGTERM) and returns the summary; the run lock is released."""
+    try:
+      return self._run()
+    finally:
+      self.lock.release()
+
+  def _run(self) -> dict:
     state, it = self.init_or_restore()
     start = int(jax.device_get(state["step"]))
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -149,7 +160,6 @@ class Trainer:
       logger.close()
       self._settle_saves()
       signal.signal(signal.SIGTERM, previous)
-      self.lock.release()
     self.state = state
     return self._summary(step, it, time.time() - t0, stopped=self.stop_requested)
 

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace):
+  from sqllava_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
   from sqllava_jax.evaluation.judge import JudgeConfig  # pylint: disable=g-import-not-at-top
   from sqllava_jax.evaluation.suite import SuiteOptions  # pylint: disable=g-import-not-at-top
   judge = None
@@ -52,7 +53,8 @@ def _options(args: argparse.Namespace):
   return SuiteOptions(data_dir=args.data, out_dir=args.out,
                       model_id=args.model_id or os.path.basename(os.path.normpath(args.ckpt)),
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      only=tuple(args.only), judge=judge, progress=args.progress)
+                      only=tuple(args.only), judge=judge, progress=args.progress,
+                      checkpoint=loading.checkpoint_identity(args.ckpt, args.step))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,8 @@ def settings_from_args(args: argparse.Namespace, cfg) -> EvalSettings:
                       max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                       model_id=args.model_id or os.path.basename(os.path.normpath(args.ckpt)),
                       aspect_ratio=cfg.data.image_aspect_ratio, self_questioning=sq,
-                      questions_per_image=args.questions_per_image, protocol=protocol)
+                      questions_per_image=args.questions_per_image, protocol=protocol,
+                      checkpoint=loading.checkpoint_identity(args.ckpt, args.step))
 
 
 def score_answers(task: str, answers_path: str, annotations: Optional[str],

@@ -50,6 +50,8 @@ class EvalSettings:
   self_questioning: bool = False
   questions_per_image: int = 1
   protocol: Protocol = Protocol()
+  checkpoint: str = ""  # which weights answer (`loading.checkpoint_identity`): a rerun
+  # into the same folder with other weights must not continue this run's answers
 
 
 def answer_id(model_id: str, question_id, k: int = 0) -> str:

@@ -65,6 +65,15 @@ def tokenizer_for(cfg: Config, ckpt: str, path: Optional[str] = None) -> Tokeniz
     raise ValueError(f"{e}; or pass --tokenizer") from None
 
 
+def checkpoint_identity(ckpt: str, step: Optional[int] = None) -> str:
+  """`/abs/path@step` (the latest step when none is given): what an answers folder records
+  as the weights that answered, so that a rerun with newer weights does not resume it."""
+  from sqllava_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  if step is None:
+    step = Checkpointer(ckpt, read_only=True).latest_step()
+  return f"{os.path.abspath(ckpt)}@{step}"
+
+
 def load_from_args(args: argparse.Namespace) -> tuple[SQLLaVA, Config, Tokenizer]:
   model, cfg = load_for_inference(args.ckpt, step=args.step, overrides=args.override,
                                   merge_lora=args.merge_lora)

@@ -48,6 +48,7 @@ class SuiteOptions:
   only: tuple[str, ...] = ()
   judge: Optional[JudgeConfig] = None
   progress: bool = True
+  checkpoint: str = ""  # the weights' identity (`loading.checkpoint_identity`)
 
 
 @dataclasses.dataclass
@@ -92,7 +93,8 @@ class _Run:
     return EvalSettings(images_dir=bench.path(self.options.data_dir, bench.images),
                         template=bench.decoding.template, batch_size=self.options.batch_size,
                         max_new_tokens=budget, sampling=bench.decoding.sampling,
-                        model_id=self.options.model_id, aspect_ratio=self.aspect_ratio)
+                        model_id=self.options.model_id, aspect_ratio=self.aspect_ratio,
+                        checkpoint=self.options.checkpoint)
 
   def annotations(self, bench: Benchmark, question_file: str) -> Optional[Any]:
     """The scorer's ground truth, or None when its file is absent."""

@@ -39,6 +39,15 @@ def run_cli(*args) -> int:
   return cli(["convert", *[str(a) for a in args]])
 
 
+def fails(capsys, out, *args) -> str:
+  """Runs a convert command that must fail; checks nothing is left at or beside `out`."""
+  assert run_cli(*args, "--out", out) == 2
+  assert not os.path.exists(out), f"{out} was written"
+  leftovers = [n for n in os.listdir(os.path.dirname(out)) if ".partial-" in n]
+  assert not leftovers, leftovers
+  return capsys.readouterr().err
+
+
 def simulate_training(ckpt: str, out: str, seed: int):
   """Stands in for a few LoRA training steps: every adapter (A and B) and every projector
   parameter gets random non-zero values, then the model is saved as a training run saves
@@ -87,6 +96,19 @@ def our_logits(model, ids: np.ndarray, pixels=None) -> np.ndarray:
   positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
   pixels = None if pixels is None else jnp.asarray(pixels, jnp.float32)
   return np.asarray(_run(_forward, model, jnp.asarray(ids, jnp.int32), pixels, positions))
+
+
+def _forward_assignments(model, ids, pixels, positions):
+  hidden, aux = model(ids, pixels, positions)
+  return model.llm.logits(hidden), aux["projector/assignments"]
+
+
+def our_logits_and_assignments(model, ids: np.ndarray, pixels: np.ndarray):
+  """(logits [B, T, V], prototype assignments int[B, L]) of our model on one forward."""
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  logits, assignments = _run(_forward_assignments, model, jnp.asarray(ids, jnp.int32),
+                             jnp.asarray(pixels, jnp.float32), positions)
+  return np.asarray(logits), np.asarray(assignments)
 
 
 def _vision(model, pixels):

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from sqllava_jax.convert import export as E
 from sqllava_jax.convert.safetensors_writer import ShardedWriter
-from tests.convert_helpers import run_cli, write_yaml
+from tests.convert_helpers import fails, run_cli, write_yaml
 from tests.hf_fixtures import save_clip_vision, save_llama
 
 
@@ -26,15 +26,6 @@ def dirs(tmp_path_factory):
   assert run_cli("import-hf", "--llm", root / "llama", "--vision", root / "clip", "--config",
                  config, "--out", root / "ckpt") == 0
   return root, config
-
-
-def fails(capsys, out, *args) -> str:
-  """Runs a convert command that must fail; checks nothing is left at or beside `out`."""
-  assert run_cli(*args, "--out", out) == 2
-  assert not os.path.exists(out), f"{out} was written"
-  leftovers = [n for n in os.listdir(os.path.dirname(out)) if ".partial-" in n]
-  assert not leftovers, leftovers
-  return capsys.readouterr().err
 
 
 def edited_copy(src, dst, edit):

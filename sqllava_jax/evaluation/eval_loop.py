@@ -28,6 +28,7 @@ from sqllava_jax.data.images import resolve_image_path
 from sqllava_jax.evaluation import answer_log
 from sqllava_jax.evaluation import data_parallel as dp
 from sqllava_jax.evaluation.engine import Engine
+from sqllava_jax.evaluation.outputs import write_jsonl
 from sqllava_jax.evaluation.prompts import load_image, load_inline_image, question_prompt
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.evaluation.self_questioning import Protocol, self_question
@@ -171,14 +172,6 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
 
 def _unindexed(record: dict) -> dict:
   return {k: v for k, v in record.items() if k != "index"}
-
-
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

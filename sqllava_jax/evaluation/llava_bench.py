@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
 from sqllava_jax.evaluation.judge import Judge
+from sqllava_jax.evaluation.outputs import write_jsonl
 from sqllava_jax.evaluation.records import as_answer_records, load_json_or_jsonl
 
 
@@ -131,9 +131,4 @@ def load_bench(folder: str) -> dict:
 
 
 def write_reviews(path: str, reviews: Sequence[Mapping]) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in reviews:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
-  return path
+  return write_jsonl(path, reviews)

@@ -25,11 +25,10 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
-import json
-import os
 from typing import Any, Mapping, Optional
 
 from sqllava_jax.evaluation.judge import Judge
+from sqllava_jax.evaluation.outputs import write_json
 from sqllava_jax.evaluation.records import as_answer_records, load_json_or_jsonl
 
 
@@ -144,18 +143,9 @@ def load_samples(path: str) -> dict[str, dict]:
 
 
 def write_submission(path: str, answers: Any) -> str:
-  results = {sample_id(p["question_id"]): p["text"]
-             for p in as_answer_records(answers, "mmvet")}
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, path)
-  return path
+  return write_json(path, {sample_id(p["question_id"]): p["text"]
+                           for p in as_answer_records(answers, "mmvet")}, indent=2)
 
 
 def write_grades(path: str, grades: Mapping[str, Mapping]) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(grades, f, indent=1)
-  os.replace(tmp, path)
-  return path
+  return write_json(path, grades, indent=1)

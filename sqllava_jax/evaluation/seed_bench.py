@@ -16,10 +16,10 @@ dimension (question type) and over all. The upload file holds one `{"question_id
 from __future__ import annotations
 
 import collections
-import json
 import os
 from typing import Any, Mapping
 
+from sqllava_jax.evaluation.outputs import write_jsonl
 from sqllava_jax.evaluation.records import as_answer_records, load_json_or_jsonl
 
 
@@ -67,11 +67,6 @@ def write_submission(path: str, annotations: Any, predictions: Any) -> str:
   data = _annotation(annotations)
   answers = {str(p["question_id"]): p["text"]
              for p in as_answer_records(predictions, "seed_bench")}
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for q in data["questions"]:
-      if str(q["question_id"]) in answers:
-        f.write(json.dumps({"question_id": q["question_id"],
-                            "prediction": answers[str(q["question_id"])]}) + "\n")
-  os.replace(tmp, path)
-  return path
+  return write_jsonl(path, [{"question_id": q["question_id"],
+                             "prediction": answers[str(q["question_id"])]}
+                            for q in data["questions"] if str(q["question_id"]) in answers])

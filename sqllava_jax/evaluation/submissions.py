@@ -13,21 +13,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 from sqllava_jax.evaluation import mmbench, mmvet, seed_bench
 from sqllava_jax.evaluation.metrics import normalize_answer_evalai
+from sqllava_jax.evaluation.outputs import write_json
 from sqllava_jax.evaluation.records import as_answer_records, load_json_or_jsonl
-
-
-def _write_json(path: str, value: Any) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f)
-  os.replace(tmp, path)
-  return path
 
 
 def _texts(answers: Any, task: str) -> dict[str, str]:
@@ -36,7 +28,7 @@ def _texts(answers: Any, task: str) -> dict[str, str]:
 
 def vqav2(path: str, answers: Any, questions: Sequence[Mapping]) -> str:
   texts = _texts(answers, "vqav2")
-  return _write_json(path, [
+  return write_json(path, [
       {"question_id": q["question_id"],
        "answer": normalize_answer_evalai(texts[str(q["question_id"])])
                  if str(q["question_id"]) in texts else ""} for q in questions])
@@ -48,14 +40,14 @@ def vizwiz(path: str, answers: Any, questions: Sequence[Mapping]) -> str:
   if missing:  # the reference asserts every question is answered; the server needs all
     raise ValueError(f"vizwiz: {len(missing)} questions unanswered (first {missing[0]!r}); "
                      "rerun to finish them before submitting")
-  return _write_json(path, [{"image": q["image"],
+  return write_json(path, [{"image": q["image"],
                              "answer": normalize_answer_evalai(texts[str(q["question_id"])])}
                             for q in questions])
 
 
 def gqa(path: str, answers: Any, questions: Sequence[Mapping]) -> str:
   del questions
-  return _write_json(path, [{"questionId": a["question_id"],
+  return write_json(path, [{"questionId": a["question_id"],
                              "prediction": a["text"].rstrip(".").lower()}
                             for a in as_answer_records(answers, "gqa")])
 

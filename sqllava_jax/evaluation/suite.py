@@ -17,7 +17,6 @@ submission file written where its server scores it. `OUT/results.json` and
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Optional
@@ -30,6 +29,7 @@ from sqllava_jax.evaluation.benchmarks import (Benchmark, Entry, Suite, load_sui
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
 from sqllava_jax.evaluation.judge import Judge, JudgeConfig
+from sqllava_jax.evaluation.outputs import write_json, write_text
 from sqllava_jax.evaluation.pope import pope_annotations
 from sqllava_jax.evaluation.tasks import score
 
@@ -258,8 +258,5 @@ def markdown(rep: dict) -> str:
 
 
 def write_report(out_dir: str, rep: dict) -> None:
-  for name, text in (("results.json", json.dumps(rep, indent=1)), ("results.md", markdown(rep))):
-    path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+  write_json(os.path.join(out_dir, "results.json"), rep, indent=1)
+  write_text(os.path.join(out_dir, "results.md"), markdown(rep))

@@ -129,6 +129,8 @@ def make_eval_tree(root: str, sources: list[str]) -> str:
   os.makedirs(d("mmbench"), exist_ok=True)
   _mmbench_tsv(d("mmbench", "mmbench_dev_20230712.tsv"), sources, with_answers=True)
   _mmbench_tsv(d("mmbench", "mmbench_test_20230712.tsv"), sources, with_answers=False)
+  os.makedirs(d("mmbench_cn"), exist_ok=True)
+  _mmbench_tsv(d("mmbench_cn", "mmbench_dev_cn_20231003.tsv"), sources, with_answers=True)
   # SEED-Bench: two image questions and one video-frame question (not scored).
   seed = [{"question_id": 101 + i, "image": img, "category": "Scene Understanding",
            "text": f"What is shown?\nA. a\nB. b\nC. c\nD. d\n{LETTER}"}

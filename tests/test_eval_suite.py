@@ -29,9 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "configs", "eval", "paper.yaml")
 NEW = 4
 BATCH = 2
-NUM_QUESTIONS = 36  # every question of every benchmark in eval_suite_data
+NUM_QUESTIONS = 42  # every question of every benchmark in eval_suite_data
 PAPER = {"vqav2": 80.3, "gqa": 63.7, "vizwiz": 55.3, "scienceqa": 70.5, "textvqa": 60.5,
-         "pope": 87.2, "mmbench": 66.6, "llava_bench": 74.3, "mmvet": 37.6}
+         "pope": 87.2, "mmbench": 66.6, "mmbench_cn": 60.0, "llava_bench": 74.3, "mmvet": 37.6}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def test_every_benchmark_runs_with_its_protocol(uninterrupted):
   b = _by_name(report)
   assert {k: v["status"] for k, v in b.items()} == {
       "vqav2": "submission", "gqa": "scored", "vizwiz": "submission", "scienceqa": "scored",
-      "textvqa": "scored", "pope": "scored", "mmbench": "scored", "llava_bench": "scored",
+      "textvqa": "scored", "pope": "scored", "mmbench": "scored", "mmbench_cn": "scored",
+      "llava_bench": "scored",
       "mmvet": "scored", "mmbench_test": "submission", "seed_bench": "scored", "mme": "scored"}
   assert {k: v["paper"] for k, v in b.items() if v["paper"] is not None} == PAPER
   assert sum(v["num_questions"] for v in b.values()) == NUM_QUESTIONS
@@ -105,6 +106,7 @@ def test_every_benchmark_runs_with_its_protocol(uninterrupted):
   assert _answers(out, "mmbench")[0]["prompt"] == (
       "Look closely.\nWhat shape is it?\nA. circle\nB. square\nC. triangle\nD. star\n"
       "Answer with the option's letter from the given choices directly.")
+  assert _answers(out, "mmbench_cn")[0]["prompt"].endswith("D. star\n请直接回答选项字母。")
   assert _answers(out, "vqav2")[0]["prompt"].count("single word or phrase") == 1
   # SEED-Bench: the image part only
   assert [a["question_id"] for a in _answers(out, "seed_bench")] == [101, 102]

@@ -154,15 +154,15 @@ def test_resume_skips_a_damaged_newest_step(run_copy, data_dir, capsys):
   ckpt_dir = os.path.join(run_copy, "checkpoints")
   target = largest_array_file(os.path.join(ckpt_dir, "4"))
   scramble_middle(target)
-  trainer = Trainer(tiny_cfg(run_copy, data_dir, "train.max_steps=6", "train.save_every=2"))
+  trainer = Trainer(tiny_cfg(run_copy, data_dir, "train.max_steps=8", "train.save_every=2"))
   summary = trainer.run()
   out, err = capsys.readouterr()
   assert "resumed from step 2 in" in out
   assert f"skipped step 4 of {ckpt_dir}: damaged" in err and os.path.basename(target) in err
-  assert summary["steps"] == 6
+  assert summary["steps"] == 8
   ckpt = Checkpointer(ckpt_dir, read_only=True)
-  assert ckpt.all_steps() == [2, 4, 6]
-  assert ckpt.verify(4) == [] and ckpt.verify(6) == []  # step 4 was trained and saved anew
+  assert ckpt.all_steps() == [4, 6, 8]  # keep_checkpoints=3
+  assert all(ckpt.verify(s) == [] for s in (4, 6, 8))  # step 4 was trained and saved anew
   assert integrity.verify(os.path.join(ckpt_dir, "4.damaged"))  # the damaged one is kept aside
 
 
@@ -172,7 +172,7 @@ def test_no_intact_step_exits_non_zero_naming_the_files(run_copy, data_dir, caps
   for t in targets:
     scramble_middle(t)
   code = cli.main(["train", CONFIG, f"output_dir={run_copy}", f"data.synthetic.dir={data_dir}",
-                   "train.max_steps=6", "train.save_every=2", "train.async_checkpointing=false"])
+                   "train.max_steps=8", "train.save_every=2", "train.async_checkpointing=false"])
   err = capsys.readouterr().err
   assert code == 1
   assert f"sqllava-jax train: error: {ckpt_dir} is damaged: step 4: params/" in err

@@ -182,7 +182,7 @@ class Trainer:
           self.ckpt.wait()
         return
       except CheckpointSaveError as e:
-        self._save_failed(e, last=force)
+        self._save_failed(e, last=(force or step == self.total_steps) and e.step == step)
         if e.step == step:
           return
 

@@ -270,3 +270,19 @@ def test_eval_command_continues_a_cut_log(tree, tmp_path, monkeypatch, capsys):
   assert cli.main([*argv[:-1], str(NEW + 1)]) == 2
   assert "holds answers of another run (settings differ" in capsys.readouterr().err
   assert open(tmp_path / "answers.jsonl").read() == full
+
+
+def test_a_benchmark_that_cannot_be_scored_is_reported_and_the_rest_run(tree, engine, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  _, data = tree
+  for name in ("gqa", "pope"):
+    shutil.copytree(os.path.join(data, name), tmp_path / "eval" / name)
+  with open(tmp_path / "eval" / "gqa" / "data" / "testdev_balanced_questions.json", "w") as f:
+    json.dump({"999": {"answer": "no"}}, f)  # another split's ground truth
+  report = run_suite(engine, SUITE, SuiteOptions(
+      data_dir=str(tmp_path / "eval"), out_dir=str(tmp_path / "out"), model_id="tiny",
+      batch_size=BATCH, max_new_tokens=NEW, progress=False, only=("gqa", "pope")))
+  b = _by_name(report)
+  assert b["gqa"]["status"] == "error" and "not in the annotations" in b["gqa"]["note"]
+  assert os.path.isfile(b["gqa"]["files"]["answers"])
+  assert b["pope"]["status"] == "scored"

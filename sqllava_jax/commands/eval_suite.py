@@ -77,7 +77,13 @@ def run(args: argparse.Namespace) -> int:
   except ValueError as e:
     print(f"sqllava-jax eval-suite: error: {e}", file=sys.stderr)
     return 2
-  if report is not None:
-    print(suite.markdown(report))
-    print(f"wrote {os.path.join(args.out, 'results.md')} and results.json")
+  if report is None:
+    return 0
+  print(suite.markdown(report))
+  print(f"wrote {os.path.join(args.out, 'results.md')} and results.json")
+  failed = [b["name"] for b in report["benchmarks"] if b["status"] == "error"]
+  if failed:
+    print(f"sqllava-jax eval-suite: error: {', '.join(failed)} could not be scored (see the "
+          "table's notes); their answers are kept for a rerun", file=sys.stderr)
+    return 1
   return 0

@@ -28,7 +28,7 @@ from sqllava_jax.evaluation.benchmarks import (Benchmark, Entry, Suite, load_sui
                                                read_questions)
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
-from sqllava_jax.evaluation.judge import Judge, JudgeConfig
+from sqllava_jax.evaluation.judge import Judge, JudgeConfig, JudgeError
 from sqllava_jax.evaluation.outputs import write_json, write_text
 from sqllava_jax.evaluation.pope import pope_annotations
 from sqllava_jax.evaluation.tasks import score
@@ -54,7 +54,8 @@ class SuiteOptions:
 @dataclasses.dataclass
 class Outcome:
   """status: scored | submission (answers and the server's file, scored there) | answers
-  (answered, not scored: `note` says what is missing) | skipped (files absent)."""
+  (answered, not scored: `note` says what is missing) | skipped (files absent) | error
+  (answered, but scoring or judging failed: `note` says why)."""
   name: str
   title: str
   status: str
@@ -83,7 +84,7 @@ class _Run:
   def __init__(self, engine: Engine, options: SuiteOptions, aspect_ratio: str):
     self.engine, self.options, self.aspect_ratio = engine, options, aspect_ratio
     self.judge = None
-    if options.judge is not None:
+    if options.judge is not None and jax.process_index() == 0:  # only process 0 judges
       self.judge = Judge(options.judge, os.path.join(options.out_dir, JUDGE_CACHE))
 
   def settings(self, bench: Benchmark) -> EvalSettings:
@@ -126,9 +127,14 @@ class _Run:
     outcome.num_questions = len(questions)
     if skipped:
       outcome.note = f"{len(skipped)} questions skipped for unreadable images. "
-    self._score(bench, outcome, answers, questions, question_file)
-    if bench.submission:
-      self._submit(bench, outcome, answers, questions, question_file, out_dir)
+    try:
+      self._score(bench, outcome, answers, questions, question_file)
+      if bench.submission:
+        self._submit(bench, outcome, answers, questions, question_file, out_dir)
+    except (ValueError, FileNotFoundError, JudgeError) as e:
+      # The answers are kept (a rerun continues from them); the other benchmarks still run.
+      outcome.status = "error"
+      outcome.note += f"{type(e).__name__}: {e}"
     outcome.seconds = round(time.perf_counter() - start, 1)
     return outcome
 
@@ -238,7 +244,7 @@ def _cell(o: dict) -> str:
     return f"submit `{os.path.basename(os.path.dirname(o['files']['submission']))}/" \
            f"{os.path.basename(o['files']['submission'])}`" if "submission" in o["files"] \
         else "answered"
-  return "answered" if o["status"] == "answers" else "skipped"
+  return {"answers": "answered", "error": "error"}.get(o["status"], "skipped")
 
 
 def markdown(rep: dict) -> str:

@@ -286,3 +286,18 @@ def test_a_benchmark_that_cannot_be_scored_is_reported_and_the_rest_run(tree, en
   assert b["gqa"]["status"] == "error" and "not in the annotations" in b["gqa"]["note"]
   assert os.path.isfile(b["gqa"]["files"]["answers"])
   assert b["pope"]["status"] == "scored"
+
+
+def test_the_command_prints_the_table_and_says_what_it_wrote(tree, tmp_path, capsys):
+  from sqllava_jax import cli  # pylint: disable=g-import-not-at-top
+  run, data = tree
+  argv = ["eval-suite", "--ckpt", run.ckpt, "--suite", SUITE, "--data", data, "--out",
+          str(tmp_path), "--only", "pope", "--batch-size", "8", "--max-new-tokens",
+          str(NEW), "--no-progress"]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "| POPE (F1) | 87.2 |" in out and f"wrote {tmp_path}/results.md" in out
+  assert cli.main([*argv, "--judge-url", "http://127.0.0.1:9/v1"]) == 2
+  assert "give both --judge-url and --judge-model" in capsys.readouterr().err
+  assert cli.main([*argv[:-1], "--only", "nope"]) == 2
+  assert "--only names nope" in capsys.readouterr().err

@@ -1,21 +1,18 @@
-"""The released SQ-LLaVA layouts in and out, against the original code's loading written out.
+"""The released SQ-LLaVA layouts in and out, against the original code's loading.
 
-Each checkpoint is built here as the original's `train.py` builds and saves it, with
-transformers and peft classes in the original's module tree (`LlavaLlamaForCausalLM`:
-a LLaMA whose `model` also holds `mm_projector` and `vision_tower.vision_tower.vision_model`;
-PEFT around the whole model first, then around the tower inside it), never with our code:
-the stage-2 LoRA save (`adapter_model.bin` with the LLM's and the tower's adapters,
-`non_lora_trainables.bin`, `Vit-lora/`, bf16 pickles), the stage-1 save (`mm_projector.bin`,
-`Vit-lora/`) and a ShareGPT4V-style base whose shards also carry an MLP projector and a tower.
-`original_load` is `load_pretrained_model` (builder.py) step by step, in fp32. Imports and
-exports are compared with it: logits, tower features and projector outputs at 1e-5.
+The authors' layouts are rebuilt by `convert_original` as the original's train.py writes
+them: the stage-2 LoRA save (`adapter_model.bin` with the LLM's and the tower's adapters,
+`non_lora_trainables.bin`, `Vit-lora/`, bf16 pickles) on a ShareGPT4V-style base whose shards
+also carry an MLP projector and a tower, the stage-1 save (`mm_projector.bin`, `Vit-lora/`),
+and merge_lora_weights.py's fp16 shards. Imports and exports are compared with the original's
+`load_pretrained_model` written out there: tower features, projector outputs and logits at
+1e-5 (fp32).
 """
 
-import copy
 import json
 import os
+import pathlib
 import shutil
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -23,237 +20,14 @@ import torch
 import transformers
 
 from sqllava_jax.training.checkpoint import load_model
-from tests.convert_helpers import (IMAGE_ID, assert_close, fails, nchw, original_clip_tree,
-                                   our_logits, our_logits_and_assignments, our_vision_hidden,
-                                   peft_load_strict, pixels_nhwc, run_cli, text_ids)
-from tests.hf_fixtures import randomize_, save_clip_vision, tiny_clip_vision_config, \
-    tiny_llama_config, to_np
-from tests.test_projector_parity import torch_prototype_extractor
-
-ATOL = 1e-5  # fp32 on both sides
-LLM_R, LLM_ALPHA, VIT_R, VIT_ALPHA = 4, 8, 2, 6
-# The original hard-codes Clustering(mm_hidden_size, hidden_size, 256, 2); a 64-pixel image
-# in patches of 4 gives 256 tokens, so pooling is exact and every prototype is in use.
-PROTOTYPES, ITERATIONS, IMAGE, PATCH = 256, 2, 64, 4
-TOKENS = (IMAGE // PATCH) ** 2
-CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
-# adapter_config.json as PEFT 0.4.0 writes it (the original pins peft==0.4.0).
-PEFT_040 = {"base_model_name_or_path": None, "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "layers_pattern": None,
-            "layers_to_transform": None, "modules_to_save": None, "peft_type": "LORA",
-            "revision": None}
-# The LLaMA fields transformers 4.31 writes into config.json (no rope_theta, no head_dim).
-LLAMA_431 = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "num_key_value_heads", "hidden_act",
-             "max_position_embeddings", "initializer_range", "rms_norm_eps",
-             "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-class Clustering(torch.nn.Module):
-  """The original's cluster projector's parameters (`cluster.py`), its forward the PyTorch
-  version of docs section 2 in test_projector_parity."""
-
-  def __init__(self, d, h):
-    super().__init__()
-    self.sim_alpha = torch.nn.Parameter(torch.ones(1, 1, 1))
-    self.sim_beta = torch.nn.Parameter(torch.zeros(1, 1, 1))
-    self.c, self.v, self.f = (torch.nn.Linear(d, d) for _ in range(3))
-    self.ln_1 = torch.nn.LayerNorm(d)
-    self.mlp = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, h))
-
-  def forward(self, x):  # [B, L, D] -> [B, L, H]
-    return torch_prototype_extractor(x, dict(self.state_dict()), PROTOTYPES, ITERATIONS)
-
-
-# Prototypes after the extractor's soft iterations are nearly equal (for any weights: the
-# softmax over N sees cosines of unit vectors against channel-normalised values, ~1/sqrt(L)),
-# so the best prototype of a token often wins by 1e-6 or less and float noise decides. Where
-# the reference's best beats ours by less than NOISE, either is the reference's answer: the
-# reference is then run with ours there, and must agree with ours everywhere else.
-NOISE = 1e-5
-
-
-def projector_with_ties(projector, x, ours):
-  """(output [B, L, H], s [B, N, L] before the argmax) of the torch forward, taking `ours`
-  (int[B, L]) at tokens whose reference scores say ours is within NOISE of its best; fails
-  where ours is not (a real difference, whatever the margin)."""
-  caught, sigmoid, one_hot = [], torch.sigmoid, torch.nn.functional.one_hot
-
-  def tie_break(best, n):
-    s = caught[0]                                                  # [B, N, L]
-    ours_t = torch.as_tensor(np.asarray(ours), dtype=torch.long)
-    mine = s.gather(1, ours_t[:, None]).squeeze(1)                 # [B, L]
-    gap = (s.max(dim=1).values - mine).numpy()
-    assert (gap <= NOISE).all(), (
-        f"{np.sum(gap > NOISE)} tokens assigned to a prototype the reference scores "
-        f"{gap.max():.1e} below its best (its margins: clear there)")
-    return one_hot(ours_t, n)
-
-  with mock.patch.object(torch, "sigmoid", lambda t: caught.append(sigmoid(t)) or caught[-1]), \
-       mock.patch.object(torch.nn.functional, "one_hot", tie_break):
-    out = projector(x)
-  return out, caught[0]
-
-
-def find_all_linear_names(model, prevent=()):
-  """train.py's LoRA targets: the last name of every Linear outside `prevent`, not lm_head."""
-  names = {n.split(".")[-1] for n, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and not any(k in n for k in prevent)}
-  return sorted(names - {"lm_head"})
-
-
-def llama_431_config(llama_cfg):
-  hf = llama_cfg.to_dict()
-  return {k: hf[k] for k in LLAMA_431}
-
-
-def original_config(llama_cfg, tower, **mm):
-  """config.json as train.py saves it (`model.config.save_pretrained`)."""
-  cfg = {**llama_431_config(llama_cfg), "model_type": "llava", "pretraining_tp": 1,
-         "architectures": ["LlavaLlamaForCausalLM"], "torch_dtype": "bfloat16",
-         "transformers_version": "4.31.0", "rope_scaling": None, "use_cache": True,
-         "mm_vision_tower": str(tower), "mm_projector_type": "cluster", "num_latents": 256,
-         "mm_hidden_size": 32, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-         "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False, "mm_use_im_start_end": False,
-         "mm_use_im_patch_token": False, "mm_projector_lr": 2e-5, "vision_tower_lr": 2e-5,
-         "qav_loss": False, "use_mm_proj": True, "freeze_mm_mlp_adapter": False}
-  cfg.update(mm)
-  return cfg
-
-
-def write_json(path, data):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(data, f)
-
-
-def save_peft(directory, named_params, rank, alpha, targets, task, dropout):
-  """A PEFT 0.4.0 save: the `lora_` parameters, adapter name dropped, as bf16 pickles."""
-  tensors = {k.replace(".default", ""): v.detach().to(torch.bfloat16).clone()
-             for k, v in named_params if "lora_" in k}
-  os.makedirs(directory, exist_ok=True)
-  torch.save(tensors, os.path.join(directory, "adapter_model.bin"))
-  write_json(os.path.join(directory, "adapter_config.json"),
-             {**PEFT_040, "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": targets, "task_type": task})
-  return tensors
-
-
-def randomize_lora_(model, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_" in name:
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
-def train_original(llama_cfg, base_state, clip, *, llm_lora: bool, seed: int):
-  """What train.py holds after training: the LLaVA tree on the base, PEFT around it (stage 2),
-  the tower and the cluster projector added, then the ViT-LoRA injected into that tower."""
-  import peft
-  model = transformers.LlamaForCausalLM(llama_cfg)
-  model.model.mm_projector = Clustering(32, llama_cfg.hidden_size)
-  model.load_state_dict(base_state, strict=False)
-  if llm_lora:
-    targets = find_all_linear_names(model, ("mm_projector", "vision_tower"))
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=LLM_R, lora_alpha=LLM_ALPHA, target_modules=targets, lora_dropout=0.05,
-        bias="none", task_type="CAUSAL_LM"))
-  inner = model.base_model.model if llm_lora else model
-  inner.model.vision_tower = original_clip_tree(copy.deepcopy(clip).requires_grad_(False))
-  randomize_(inner.model.mm_projector, seed)
-  with torch.no_grad():
-    inner.model.mm_projector.sim_alpha.fill_(1.3)
-    inner.model.mm_projector.sim_beta.fill_(-0.2)
-  for p in inner.model.mm_projector.parameters():
-    p.requires_grad = True
-  tower = peft.get_peft_model(inner.model.vision_tower, peft.LoraConfig(
-      r=VIT_R, lora_alpha=VIT_ALPHA, target_modules=find_all_linear_names(
-          inner.model.vision_tower), lora_dropout=0.2, bias="none"))
-  randomize_lora_(model, seed + 1)
-  return model, tower
-
-
-def save_stage2(directory, model, tower, cfg):
-  """train.py's LoRA branch: config, adapter (every `lora_` parameter of the whole model),
-  non-LoRA trainables (the projector), and the tower's own PEFT save in Vit-lora/."""
-  write_json(os.path.join(directory, "config.json"), cfg)
-  targets = sorted(model.peft_config["default"].target_modules)
-  adapter = save_peft(directory, model.named_parameters(), LLM_R, LLM_ALPHA, targets,
-                      "CAUSAL_LM", 0.05)
-  non_lora = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.named_parameters()
-              if "lora_" not in k and v.requires_grad}
-  torch.save(non_lora, os.path.join(directory, "non_lora_trainables.bin"))
-  vit = save_peft(os.path.join(directory, "Vit-lora"), tower.named_parameters(), VIT_R,
-                  VIT_ALPHA, sorted(tower.peft_config["default"].target_modules), None, 0.2)
-  return adapter, non_lora, vit
-
-
-def save_stage1(directory, model, tower, cfg):
-  """Stage 1 (tune_mm_mlp_adapter): mm_projector.bin, config, Vit-lora/."""
-  write_json(os.path.join(directory, "config.json"), {**cfg, "tune_mm_mlp_adapter": True})
-  torch.save({k: v.detach().clone() for k, v in model.named_parameters() if "mm_projector" in k},
-             os.path.join(directory, "mm_projector.bin"))
-  save_peft(os.path.join(directory, "Vit-lora"), tower.named_parameters(), VIT_R, VIT_ALPHA,
-            sorted(tower.peft_config["default"].target_modules), None, 0.2)
-
-
-def save_sharded_bin(directory, state, config):
-  """fp16 pytorch_model-0000N-of-00002.bin shards with an index (transformers 4.31's save)."""
-  names = sorted(state)
-  halves = {"pytorch_model-00001-of-00002.bin": names[::2],
-            "pytorch_model-00002-of-00002.bin": names[1::2]}
-  os.makedirs(directory, exist_ok=True)
-  for file, part in halves.items():
-    torch.save({n: state[n].to(torch.float16).clone() for n in part},
-               os.path.join(directory, file))
-  write_json(os.path.join(directory, "pytorch_model.bin.index.json"),
-             {"metadata": {}, "weight_map": {n: f for f, ns in halves.items() for n in ns}})
-  write_json(os.path.join(directory, "config.json"), config)
-
-
-def load_bin_dir(directory):
-  files = [f for f in sorted(os.listdir(directory)) if f.endswith(".bin")]
-  state = {}
-  for f in files:
-    state.update(torch.load(os.path.join(directory, f), weights_only=True))
-  return state
-
-
-def strip_non_lora(state):
-  """builder.py: drop `base_model.`, then `model.` when any name starts `model.model.`."""
-  state = {(k[11:] if k.startswith("base_model.") else k): v for k, v in state.items()}
-  if any(k.startswith("model.model.") for k in state):
-    state = {(k[6:] if k.startswith("model.") else k): v for k, v in state.items()}
-  return state
-
-
-def original_load(model_dir, base_dir=None, lora_pt=None):
-  """builder.py's load_pretrained_model in fp32: (LLM with projector, tower, config)."""
-  import peft
-  name = os.path.basename(str(model_dir).rstrip("/")).lower()
-  assert "llava" in name, "the original loads a plain LM for this name"
-  with open(os.path.join(model_dir, "config.json")) as f:
-    cfg = json.load(f)
-  llama_cfg = transformers.LlamaConfig(**{k: cfg[k] for k in LLAMA_431},
-                                       attn_implementation="eager")
-  model = transformers.LlamaForCausalLM(llama_cfg)
-  model.model.mm_projector = Clustering(cfg["mm_hidden_size"], cfg["hidden_size"])
-  llm_keys = {k for k in model.state_dict() if "mm_projector" not in k}
-  missing, _ = model.load_state_dict(load_bin_dir(base_dir or model_dir), strict=False)
-  assert not llm_keys & set(missing), "the base must hold the whole LLM"
-  if "lora" in name and base_dir:
-    state = torch.load(os.path.join(model_dir, "non_lora_trainables.bin"), weights_only=True)
-    model.load_state_dict(strip_non_lora(state), strict=False)
-    model = peft.PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
-  elif base_dir:  # the original also casts these to fp16 (it runs all in fp16); fp32 here
-    state = torch.load(os.path.join(model_dir, "mm_projector.bin"), weights_only=True)
-    model.load_state_dict(state, strict=False)
-  tower = original_clip_tree(transformers.CLIPVisionModel.from_pretrained(
-      cfg["mm_vision_tower"], attn_implementation="eager"))
-  if lora_pt:
-    tower = peft_load_strict(tower, str(lora_pt))
-  return model.float().eval(), tower.eval(), cfg
+from tests.convert_helpers import fails, original_clip_tree, run_cli
+from tests.convert_original import (CLIP_HUB_ID, IMAGE, ITERATIONS, LLM_R, PATCH, PROTOTYPES,
+                                    VIT_ALPHA, VIT_R, Clustering, compare_with_original,
+                                    find_all_linear_names, llama_431_config, original_config,
+                                    original_load, save_sharded_bin, save_stage1, save_stage2,
+                                    train_original)
+from tests.hf_fixtures import (randomize_, save_clip_vision, tiny_clip_vision_config,
+                               tiny_llama_config)
 
 
 @pytest.fixture(scope="module")
@@ -298,51 +72,18 @@ def released(tmp_path_factory):
   return dict(root=root, adapter=saved[0], non_lora=saved[1], vit=saved[2], config=config)
 
 
-def multimodal_ids(seed):
-  """[1, 1 + TOKENS + 24]: BOS, the image's positions, text."""
-  return np.concatenate([[[1]], np.full((1, TOKENS), IMAGE_ID), text_ids(1, 24, 128, seed)], 1)
-
-
-def original_forward(model, tower, cfg, ids, pixels, assignments):
-  """The original's multimodal forward (encode_images, then the image features in place of
-  the image positions), ties broken as `assignments` (see NOISE): every hidden state, the
-  projector's input and output, logits."""
-  with torch.no_grad():
-    hidden = tower(nchw(pixels))
-    features = hidden[cfg["mm_vision_select_layer"]][:, 1:]           # patch tokens
-    projected, _ = projector_with_ties(model.model.mm_projector, features, assignments)
-    ids_t = torch.from_numpy(ids)
-    embeds = model.model.embed_tokens(ids_t.clamp(min=0))
-    embeds[ids_t == IMAGE_ID] = projected.reshape(-1, projected.shape[-1])
-    logits = model(inputs_embeds=embeds).logits
-  return dict(hidden=hidden, features=features, logits=to_np(logits))
-
-
-def compare_with_original(model, reference, what, seed=0):
-  """Our model vs the original's on one image + text: tower, projector, logits (1e-5)."""
-  model_t, tower, cfg = reference
-  pixels, ids = pixels_nhwc(1, IMAGE, seed), multimodal_ids(seed)
-  logits, assignments = our_logits_and_assignments(model, ids, pixels)
-  want = original_forward(model_t, tower, cfg, ids, pixels, assignments)
-  ours = our_vision_hidden(model, pixels)
-  diff_v = max(assert_close(ours[i], to_np(want["hidden"][i]), ATOL, f"{what}: tower layer {i}")
-               for i in range(ours.shape[0]))
-  # The projector alone, on the reference's own tower features.
-  out, aux = model.projector(to_np(want["features"]))
-  with torch.no_grad():
-    projected, sims = projector_with_ties(model_t.model.mm_projector, want["features"],
-                                          aux["assignments"])
-  diff_p = assert_close(out, to_np(projected), ATOL, f"{what}: projector")
-  assert len(np.unique(np.asarray(aux["assignments"]))) > 8, "weak input: few prototypes used"
-  diff_l = assert_close(logits, want["logits"], ATOL, f"{what}: logits")
-  print(f"{what}: tower {diff_v:.1e}, projector {diff_p:.1e}, logits {diff_l:.1e}")
-
-
 def import_cli(released, name, out, *args):
   root = released["root"]
   assert run_cli("import-sqllava", "--model", root / name, *args, "--config", released["config"],
                  "--out", out) == 0
   return load_model(str(out))
+
+
+@pytest.fixture(scope="module")
+def stage1_import(released):
+  root = released["root"]
+  return import_cli(released, "sqllava-pretrain", root / "imported-stage1", "--base",
+                    root / "sharegpt4v-base")
 
 
 @pytest.fixture(scope="module")
@@ -415,10 +156,9 @@ def test_vit_lora_inside_the_adapter_is_never_applied(released, tmp_path):
   compare_with_original(model, reference, "explicit --vit-lora")
 
 
-def test_stage1_projector_on_a_base(released, tmp_path):
+def test_stage1_projector_on_a_base(released, stage1_import):
   root = released["root"]
-  model, cfg = import_cli(released, "sqllava-pretrain", tmp_path / "out", "--base",
-                          root / "sharegpt4v-base")
+  model, _ = stage1_import
   reference = original_load(root / "sqllava-pretrain", root / "sharegpt4v-base",
                             lora_pt=root / "sqllava-pretrain" / "Vit-lora")
   compare_with_original(model, reference, "stage 1")
@@ -430,3 +170,218 @@ def test_merged_fp16_shards(released, tmp_path):
   root = released["root"]
   model, _ = import_cli(released, "sqllava-7b-merged", tmp_path / "out")
   compare_with_original(model, original_load(root / "sqllava-7b-merged"), "merged")
+
+
+# The original's names, written out: what its loading looks up (transformers 4.31 tree).
+VIT_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+               "mlp.fc1", "mlp.fc2")
+LLM_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+VIT_LORA_NAMES = {f"base_model.model.vision_tower.vision_model.encoder.layers.{i}.{m}.lora_{x}"
+                  ".weight" for i in range(3) for m in VIT_MODULES for x in "AB"}
+ADAPTER_NAMES = {f"base_model.model.model.layers.{i}.{m}.lora_{x}.weight"
+                 for i in range(2) for m in LLM_MODULES for x in "AB"} | {
+    n.replace("base_model.model.vision_tower.", "base_model.model.model.vision_tower."
+              "vision_tower.") for n in VIT_LORA_NAMES}
+PROJECTOR_NAMES = {f"model.mm_projector.{n}" for n in (
+    "sim_alpha", "sim_beta", *(f"{m}.{p}" for m in ("c", "v", "f", "ln_1", "mlp.0", "mlp.2")
+                               for p in ("weight", "bias")))}
+
+
+def export_cli(ckpt, out, fmt, *extra):
+  assert run_cli("export-hf", "--ckpt", ckpt, "--out", out, "--format", fmt, "--dtype",
+                 "float32", "--no-progress", *extra) == 0
+  return pathlib.Path(out)
+
+
+def bin_keys(path):
+  return set(torch.load(path, weights_only=True))  # plain tensors only, or this raises
+
+
+@pytest.fixture(scope="module")
+def lora_export(released, lora_import):
+  root = released["root"]
+  return export_cli(root / "imported-lora", root / "exports" / "sqllava-lora-out", "sqllava-lora",
+                    "--vision-tower", root / "clip")
+
+
+def test_lora_export_loads_through_the_originals_lora_path(released, lora_import, lora_export):
+  root = released["root"]
+  model, _ = lora_import
+  reference = original_load(lora_export, root / "sharegpt4v-base",
+                            lora_pt=lora_export / "Vit-lora")
+  compare_with_original(model, reference, "sqllava-lora export")
+  assert bin_keys(lora_export / "adapter_model.bin") == ADAPTER_NAMES
+  assert bin_keys(lora_export / "non_lora_trainables.bin") == {
+      "base_model.model." + n for n in PROJECTOR_NAMES}
+  assert bin_keys(lora_export / "Vit-lora" / "adapter_model.bin") == VIT_LORA_NAMES
+  with open(lora_export / "config.json") as f:
+    cfg = json.load(f)
+  assert cfg["mm_vision_tower"] == str(root / "clip") and "rope_theta" not in cfg
+  for key in ("mm_projector_type", "num_latents", "mm_hidden_size", "mm_vision_select_layer",
+              "mm_vision_select_feature", "image_aspect_ratio", "tune_mm_mlp_adapter",
+              "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr",
+              "vision_tower_lr", "qav_loss"):
+    assert key in cfg, key
+  with open(lora_export / "Vit-lora" / "adapter_config.json") as f:
+    vit = json.load(f)
+  assert vit["task_type"] is None and vit["r"] == VIT_R
+  assert set(vit) == set(json.load(open(lora_export / "adapter_config.json")))  # 0.4.0's fields
+
+
+@pytest.mark.parametrize("version", ["4.31.0", "5.24.0"])
+def test_exported_names_do_not_depend_on_transformers(released, lora_import, tmp_path,
+                                                      monkeypatch, version):
+  """transformers 4 and 5 name CLIP's modules differently; the export is pinned to 4.31's."""
+  monkeypatch.setattr(transformers, "__version__", version)
+  root = released["root"]
+  out = export_cli(root / "imported-lora", tmp_path / "sqllava-lora", "sqllava-lora",
+                   "--vision-tower", CLIP_HUB_ID)
+  assert bin_keys(out / "Vit-lora" / "adapter_model.bin") == VIT_LORA_NAMES
+  assert bin_keys(out / "adapter_model.bin") == ADAPTER_NAMES
+  peft_out = export_cli(root / "imported-lora", tmp_path / "peft", "peft")
+  assert bin_keys(peft_out / "vision" / "adapter_model.bin") == VIT_LORA_NAMES
+
+
+@pytest.mark.parametrize("tree", ["transformers5", "bare4", "bare5"])
+def test_vit_lora_of_either_clip_naming_imports_the_same(released, stage1_import, tmp_path, tree):
+  """A Vit-lora/ saved under transformers 5's CLIP tree (no `vision_model` level), or around
+  a bare CLIPVisionModel of either version, imports as the original's names do."""
+  root = released["root"]
+  rename = {"transformers5": lambda n: n.replace("vision_tower.vision_model.", "vision_tower."),
+            "bare4": lambda n: n.replace("vision_tower.vision_model.", "vision_model."),
+            "bare5": lambda n: n.replace("vision_tower.vision_model.", "")}[tree]
+  src = root / "sqllava-pretrain" / "Vit-lora"
+  shutil.copytree(src, tmp_path / "vit")
+  tensors = torch.load(src / "adapter_model.bin", weights_only=True)
+  assert all(rename(n) != n for n in tensors)
+  torch.save({rename(n): v for n, v in tensors.items()}, tmp_path / "vit" / "adapter_model.bin")
+  want, _ = stage1_import
+  got, _ = import_cli(released, "sqllava-pretrain", tmp_path / "out", "--base",
+                      root / "sharegpt4v-base", "--vit-lora", tmp_path / "vit")
+  for name in ("q_proj", "out_proj"):
+    for ab in ("lora_a", "lora_b"):
+      np.testing.assert_array_equal(
+          np.asarray(getattr(got.vision.layers.self_attn, name).__dict__[ab][...]),
+          np.asarray(getattr(want.vision.layers.self_attn, name).__dict__[ab][...]))
+  assert np.asarray(want.vision.layers.fc2.lora_b[...]).any()
+  np.testing.assert_array_equal(np.asarray(got.vision.layers.fc2.lora_b[...]),
+                                np.asarray(want.vision.layers.fc2.lora_b[...]))
+
+
+def test_stage1_export_starts_the_originals_eval_and_stage2(released, stage1_import, tmp_path):
+  import peft
+  root = released["root"]
+  model, _ = stage1_import
+  out = export_cli(root / "imported-stage1", tmp_path / "sqllava-stage1", "sqllava-stage1",
+                   "--vision-tower", root / "clip")
+  # The eval scripts: load_pretrained_model's projector-only path, Vit-lora/ as lora_pt.
+  compare_with_original(model, original_load(out, root / "sharegpt4v-base",
+                                             lora_pt=out / "Vit-lora"), "sqllava-stage1 export")
+  assert bin_keys(out / "mm_projector.bin") == PROJECTOR_NAMES
+  assert json.load(open(out / "config.json"))["tune_mm_mlp_adapter"] is True
+  # Stage 2: --pretrain_mm_mlp_adapter (initialize_vision_modules: names after
+  # `mm_projector.`, strict load) and --pretrain_lora (torch.load + set_peft_model_state_dict).
+  weights = torch.load(out / "mm_projector.bin", weights_only=True)
+  projector = Clustering(32, 64)
+  projector.load_state_dict({k.split("mm_projector.")[1]: v for k, v in weights.items()
+                             if "mm_projector" in k})
+  source = torch.load(root / "sqllava-pretrain" / "mm_projector.bin", weights_only=True)
+  for name, value in projector.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), source[f"model.mm_projector.{name}"].numpy())
+  tower = original_clip_tree(transformers.CLIPVisionModel.from_pretrained(root / "clip"))
+  tower = peft.get_peft_model(tower, peft.LoraConfig(
+      r=VIT_R, lora_alpha=VIT_ALPHA, target_modules=find_all_linear_names(tower), lora_dropout=0.2))
+  result = peft.set_peft_model_state_dict(
+      tower, torch.load(out / "Vit-lora" / "adapter_model.bin", weights_only=True))
+  assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+  vit = torch.load(root / "sqllava-pretrain" / "Vit-lora" / "adapter_model.bin",
+                   weights_only=True)
+  got = {k.replace(".default", ""): v for k, v in tower.named_parameters() if "lora_" in k}
+  assert set(got) == set(vit) == VIT_LORA_NAMES
+  for name, value in vit.items():
+    np.testing.assert_array_equal(got[name].detach().numpy(), value.float().numpy())
+
+
+def test_mm_vision_tower_is_what_the_user_gave(released, lora_import, stage1_import, tmp_path,
+                                               monkeypatch, capsys):
+  root = released["root"]
+  monkeypatch.chdir(tmp_path)
+  shutil.copytree(root / "clip", tmp_path / "clip")
+  ckpt = root / "imported-lora"
+  merged = export_cli(ckpt, "exports/sqllava-merged", "sqllava")
+  assert json.load(open(merged / "config.json"))["mm_vision_tower"] == \
+      "exports/sqllava-merged/vision_tower"
+  lora = export_cli(ckpt, "exports/sqllava-lora", "sqllava-lora", "--vision-tower", CLIP_HUB_ID)
+  assert json.load(open(lora / "config.json"))["mm_vision_tower"] == CLIP_HUB_ID
+  stage1 = export_cli(root / "imported-stage1", "exports/sqllava-stage1", "sqllava-stage1",
+                      "--vision-tower", "clip")
+  assert json.load(open(stage1 / "config.json"))["mm_vision_tower"] == "clip"
+  # The original resolves a relative mm_vision_tower from where it runs: here.
+  model, _ = lora_import
+  compare_with_original(model, original_load(merged), "sqllava export, relative tower")
+  err = fails(capsys, tmp_path / "exports" / "sqllava-lora2", "export-hf", "--ckpt", ckpt,
+              "--format", "sqllava-lora", "--no-progress")
+  assert "pass --vision-tower" in err
+  capsys.readouterr()
+  export_cli(ckpt, "exports/my-model", "sqllava-lora", "--vision-tower", CLIP_HUB_ID)
+  err = capsys.readouterr().err
+  assert "needs 'llava' in it, and 'lora' for sqllava-lora" in err and "language-model" in err
+
+
+def test_stage1_export_refuses_a_trained_llm_lora(released, lora_import, tmp_path, capsys):
+  err = fails(capsys, tmp_path / "sqllava-stage1", "export-hf", "--ckpt",
+              released["root"] / "imported-lora", "--format", "sqllava-stage1",
+              "--vision-tower", CLIP_HUB_ID, "--no-progress")
+  assert "LLM LoRA is trained" in err and "sqllava-lora" in err
+
+
+def edited_copy(src, dst, edits):
+  """A copy of directory `src` with {relative file: edit} applied: a .json edit maps the
+  parsed dict, a .bin edit the loaded tensors; None deletes the file."""
+  shutil.copytree(src, dst)
+  for name, edit in edits.items():
+    path = dst / name
+    if edit is None:
+      os.remove(path)
+    elif path.suffix == ".json":
+      path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    else:
+      torch.save(edit(torch.load(path, weights_only=True)), path)
+  return dst
+
+
+def test_bad_input_names_the_file_and_key(released, tmp_path, capsys):
+  root = released["root"]
+  base = root / "sharegpt4v-base"
+  out = tmp_path / "out"
+
+  def import_fails(model, *args):
+    return fails(capsys, out, "import-sqllava", "--model", model, "--config",
+                 released["config"], *args)
+
+  wide = edited_copy(base, tmp_path / "wide-base",
+                     {"config.json": lambda c: {**c, "hidden_size": 48}})
+  err = import_fails(root / "sqllava-lora-novit", "--base", wide)
+  assert f"{wide / 'config.json'}: hidden_size=48" in err and "another base" in err
+  model = edited_copy(root / "sqllava-lora-novit", tmp_path / "sqllava-lora-a",
+                      {"non_lora_trainables.bin": None})
+  err = import_fails(model, "--base", base)
+  assert "no non_lora_trainables.bin" in err
+  model = edited_copy(root / "sqllava-lora-novit", tmp_path / "sqllava-lora-b",
+                      {"adapter_config.json": lambda c: {**c, "r": LLM_R + 1}})
+  err = import_fails(model, "--base", base)
+  assert f"{model / 'adapter_model.bin'}: tensor base_model.model.model.layers." in err
+  assert f"rank {LLM_R}, but {model / 'adapter_config.json'} says r={LLM_R + 1}" in err
+  model = edited_copy(root / "sqllava-pretrain", tmp_path / "sqllava-pretrain-c",
+                      {"Vit-lora/adapter_config.json": lambda c: {**c, "r": VIT_R + 2}})
+  err = import_fails(model, "--base", base)
+  assert "Vit-lora/adapter_model.bin: tensor base_model.model.vision_tower." in err
+  assert f"says r={VIT_R + 2}" in err
+  model = edited_copy(root / "sqllava-lora-novit", tmp_path / "sqllava-lora-d",
+                      {"non_lora_trainables.bin": lambda t: {**t, "epoch": 3}})
+  err = import_fails(model, "--base", base)
+  assert f"{model / 'non_lora_trainables.bin'}: entry 'epoch' is a int, not a tensor" in err
+  err = import_fails(root / "sqllava-lora-7b", "--base", base, "--vit-lora",
+                     root / "sqllava-lora-7b")
+  assert "is the LoRA checkpoint itself" in err

@@ -175,6 +175,11 @@ def detect_layout(model_dir: str, *, base_dir: Optional[str], vision_dir: Option
   if kind != "merged" and not base_dir:
     what = "a LoRA checkpoint" if kind == "lora" else "a stage-1 projector (mm_projector.bin)"
     raise CheckpointError(f"{model_dir} holds {what}; pass --base with the LLM it was trained on")
+  if vit_lora_dir and os.path.abspath(vit_lora_dir) == os.path.abspath(model_dir):
+    raise CheckpointError(
+        f"--vit-lora {vit_lora_dir} is the LoRA checkpoint itself: the original's lora_pt loads "
+        "nothing from it (its ViT tensors are named for the whole model, not the tower); pass "
+        f"{os.path.join(vit_lora_dir, VIT_LORA_DIR)}")
   if vit_lora_dir is None and os.path.isdir(os.path.join(model_dir, VIT_LORA_DIR)):
     vit_lora_dir = os.path.join(model_dir, VIT_LORA_DIR)
   return ReferenceLayout(kind, model_dir, hf, _vision_dir(model_dir, hf, vision_dir), vit_lora_dir)
@@ -327,11 +332,6 @@ def _llm_lora(layout: ReferenceLayout, cfg: ModelConfig, shapes: dict,
 def _vit_lora(directory: str, layout: ReferenceLayout, cfg: ModelConfig, shapes: dict) -> dict:
   """The `lora_pt` ViT-LoRA; names of either CLIP module tree (transformers 4's `vision_model`
   level or 5's flat one, under any wrapper) map to the same tensors."""
-  if os.path.abspath(directory) == os.path.abspath(layout.model_dir):
-    raise CheckpointError(
-        f"--vit-lora {directory} is the LoRA checkpoint itself: the original's lora_pt loads "
-        "nothing from it (its ViT tensors are named for the whole model, not the tower); pass "
-        f"{os.path.join(directory, VIT_LORA_DIR)}")
   base = vision.hf_key_map(cfg.vision)
   specs = prefixed(adapters.lora_key_map(base, cfg.vit_lora.targets, hf_prefix=VIT_LORA_PREFIX),
                    ours_prefix="vision/")

@@ -301,3 +301,17 @@ def test_the_command_prints_the_table_and_says_what_it_wrote(tree, tmp_path, cap
   assert "give both --judge-url and --judge-model" in capsys.readouterr().err
   assert cli.main([*argv[:-1], "--only", "nope"]) == 2
   assert "--only names nope" in capsys.readouterr().err
+
+
+def test_without_a_judge_the_judged_benchmarks_are_answered_and_written(tree, engine,
+                                                                         tmp_path):
+  _, data = tree
+  report = run_suite(engine, SUITE, SuiteOptions(
+      data_dir=data, out_dir=str(tmp_path), model_id="tiny", batch_size=BATCH,
+      max_new_tokens=NEW, progress=False, only=("llava_bench", "mmvet")))
+  b = _by_name(report)
+  # MM-Vet's upload goes to the online evaluator, so it still has a submission file
+  for name, status in (("llava_bench", "answers"), ("mmvet", "submission")):
+    assert b[name]["status"] == status and "not judged" in b[name]["note"], name
+    assert b[name]["score"] is None
+  assert set(json.load(open(b["mmvet"]["files"]["submission"]))) == {"v1_0", "v1_1", "v1_2"}

@@ -178,28 +178,33 @@ class _Run:
     if self.judge is None:
       outcome.note += "not judged: name a judge with --judge-url and --judge-model"
       return None
-    folder = bench.path(self.options.data_dir, "")
-    out_dir = os.path.dirname(answers)
-    p = bench.judge
+    judge = self._llava_bench if bench.judged == "llava_bench" else self._mmvet
     try:
-      if bench.judged == "llava_bench":
-        files = llava_bench.load_bench(folder)
-        reviews = llava_bench.review(
-            self.judge, llava_bench.Protocol(p.system, p.temperature, p.max_tokens),
-            files["questions"], files["contexts"], files["references"], answers,
-            files["rules"])
-        outcome.files["reviews"] = llava_bench.write_reviews(
-            os.path.join(out_dir, "reviews.jsonl"), reviews)
-        return llava_bench.summarize(reviews)
-      samples = mmvet.load_samples(bench.path(self.options.data_dir, bench.annotations))
-      prompt = mmvet.read_prompt(bench.path(self.options.data_dir, p.prompt_file))
+      return judge(bench, outcome, answers)
     except FileNotFoundError as e:
       outcome.note += f"not judged: {e}"
       return None
+
+  def _llava_bench(self, bench: Benchmark, outcome: Outcome, answers: str) -> dict:
+    files = llava_bench.load_bench(bench.path(self.options.data_dir, ""))
+    p = bench.judge
+    reviews = llava_bench.review(self.judge, llava_bench.Protocol(p.system, p.temperature,
+                                                                  p.max_tokens),
+                                 files["questions"], files["contexts"], files["references"],
+                                 answers, files["rules"])
+    outcome.files["reviews"] = llava_bench.write_reviews(
+        os.path.join(os.path.dirname(answers), "reviews.jsonl"), reviews)
+    return llava_bench.summarize(reviews)
+
+  def _mmvet(self, bench: Benchmark, outcome: Outcome, answers: str) -> dict:
+    samples = mmvet.load_samples(bench.path(self.options.data_dir, bench.annotations))
+    p = bench.judge
+    prompt = mmvet.read_prompt(bench.path(self.options.data_dir, p.prompt_file))
     protocol = mmvet.Protocol(p.retry_suffix, p.temperature, p.temperature_step, p.max_tokens,
                               p.max_replies)
     grades = mmvet.grade_all(self.judge, protocol, prompt, samples, answers)
-    outcome.files["grades"] = mmvet.write_grades(os.path.join(out_dir, "grades.json"), grades)
+    outcome.files["grades"] = mmvet.write_grades(
+        os.path.join(os.path.dirname(answers), "grades.json"), grades)
     return mmvet.capability_scores(grades, samples)
 
 

@@ -7,6 +7,9 @@ score to `OUT/scores.json`. Benchmarks default to the `vicuna_v1` template and g
 decoding, as the reference does; `synthetic_sq` runs the self-questioning protocol instead.
 `--task perplexity` computes the teacher-forced loss of a LLaVA-format training file.
 Every process answers its shard of the questions; the batch is split over all devices.
+Answers are appended per batch, so a killed run given the same command again continues
+where it stopped; an `--out` holding another run's answers (other settings, questions or
+checkpoint) is refused. `sqllava-jax eval-suite` runs whole benchmark suites.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ import pytest
 
 from sqllava_jax.evaluation import metrics
 
-KNOWN = ("vqav2", "vizwiz", "textvqa", "gqa", "scienceqa", "pope", "mme", "caption")
+KNOWN = ("vqav2", "vizwiz", "textvqa", "gqa", "scienceqa", "pope", "mme", "caption", "mmbench",
+         "seed_bench")
 
 
 def test_known_tasks():

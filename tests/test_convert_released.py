@@ -73,9 +73,9 @@ def released(tmp_path_factory):
 
 
 def import_cli(released, name, out, *args):
-  root = released["root"]
-  assert run_cli("import-sqllava", "--model", root / name, *args, "--config", released["config"],
-                 "--out", out) == 0
+  """`convert import-sqllava` of `name` (a directory of `released`, or a path)."""
+  assert run_cli("import-sqllava", "--model", released["root"] / name, *args, "--config",
+                 released["config"], "--out", out) == 0
   return load_model(str(out))
 
 
@@ -163,6 +163,22 @@ def test_stage1_projector_on_a_base(released, stage1_import):
                             lora_pt=root / "sqllava-pretrain" / "Vit-lora")
   compare_with_original(model, reference, "stage 1")
   assert not np.asarray(model.llm.layers.self_attn.q_proj.lora_b[...]).any()
+
+
+def test_non_lora_trainables_replace_what_they_name(released, tmp_path):
+  """Whatever non_lora_trainables.bin names is laid over the base as the original's
+  load_state_dict(strict=False) lays it (here also a trained embedding table)."""
+  root = released["root"]
+  gen = torch.Generator().manual_seed(46)
+  embed = torch.randn(128, 64, generator=gen).to(torch.bfloat16)
+  model_dir = edited_copy(root / "sqllava-lora-novit", tmp_path / "sqllava-lora-embed", {
+      "non_lora_trainables.bin": lambda t: {
+          **t, "base_model.model.model.embed_tokens.weight": embed}})
+  model, _ = import_cli(released, model_dir, tmp_path / "out", "--base", root / "sharegpt4v-base")
+  np.testing.assert_array_equal(np.asarray(model.llm.embed_tokens.embedding[...]),
+                                embed.float().numpy())
+  compare_with_original(model, original_load(model_dir, root / "sharegpt4v-base"),
+                        "trained embeddings")
 
 
 def test_merged_fp16_shards(released, tmp_path):
@@ -382,6 +398,11 @@ def test_bad_input_names_the_file_and_key(released, tmp_path, capsys):
                       {"non_lora_trainables.bin": lambda t: {**t, "epoch": 3}})
   err = import_fails(model, "--base", base)
   assert f"{model / 'non_lora_trainables.bin'}: entry 'epoch' is a int, not a tensor" in err
+  model = edited_copy(root / "sqllava-pretrain", tmp_path / "sqllava-pretrain-e", {
+      "mm_projector.bin": lambda t: {"base_model.model." + k: v for k, v in t.items()}})
+  err = import_fails(model, "--base", base)
+  assert f"{model / 'mm_projector.bin'}: no model.mm_projector." in err
+  assert "would leave it random" in err
   err = import_fails(root / "sqllava-lora-7b", "--base", base, "--vit-lora",
                      root / "sqllava-lora-7b")
   assert "is the LoRA checkpoint itself" in err

@@ -45,7 +45,8 @@ PROJECTOR_PREFIX = "model.mm_projector."
 VIT_LORA_PREFIX = "base_model.model.vision_tower."   # Vit-lora/: PEFT around CLIPVisionTower
 ADAPTER_VIT_LORA_PREFIX = "base_model.model.model.vision_tower.vision_tower."  # adapter_model
 NON_LORA_PREFIX = "base_model.model."                # non_lora_trainables.bin
-NON_LORA_FILE, PROJECTOR_FILE, VIT_LORA_DIR = "non_lora_trainables.bin", "mm_projector.bin", "Vit-lora"
+NON_LORA_FILE, PROJECTOR_FILE = "non_lora_trainables.bin", "mm_projector.bin"
+VIT_LORA_DIR = "Vit-lora"
 PROJECTOR_TYPES = ("cluster", "mlp2x_gelu", "linear")
 # `Clustering(mm_hidden_size, hidden_size, 256, 2)` in the reference's projector builder.
 REFERENCE_PROTOTYPES, REFERENCE_ITERATIONS = 256, 2
@@ -259,8 +260,9 @@ def check_base_fits(base_dir: str, hf: dict, model_dir: str) -> None:
   base = base.get("text_config", base)
   for field in ARCH_FIELDS:
     ours, theirs = hf.get(field), base.get(field)
-    if field == "num_key_value_heads":
-      ours, theirs = ours or hf.get("num_attention_heads"), theirs or base.get("num_attention_heads")
+    if field == "num_key_value_heads":  # absent means one per head
+      ours = ours or hf.get("num_attention_heads")
+      theirs = theirs or base.get("num_attention_heads")
     if ours is not None and theirs is not None and ours != theirs:
       raise CheckpointError(
           f"{os.path.join(base_dir, 'config.json')}: {field}={theirs}, but "
@@ -288,14 +290,16 @@ def _original_state(layout: ReferenceLayout, base_dir: Optional[str]):
 
 
 def _check_projector_present(source, specs: list[KeySpec], layout: ReferenceLayout) -> None:
+  """A projector file whose names the original would not find is refused, not half-loaded."""
   names = [n for s in specs for n in s.hf_names()]
   missing = [n for n in names if n not in source.keys()]
   if missing and layout.kind != "merged":
     found = sorted(n for n in source.keys() if "mm_projector" in n)[:3]
+    name = NON_LORA_FILE if layout.kind == "lora" else PROJECTOR_FILE
     raise CheckpointError(
-        f"{source.where}: no {', '.join(missing[:3])}: the original loads the projector by these "
-        f"names (load_state_dict(strict=False)) and would leave it random; found "
-        f"{', '.join(found) or 'no mm_projector tensors'}")
+        f"{os.path.join(layout.model_dir, name)}: no {', '.join(missing[:3])}: the original "
+        "loads the projector by these names (load_state_dict(strict=False)) and would leave "
+        f"it random; found {', '.join(found) or 'no mm_projector tensors'}")
 
 
 def _llm_and_projector(layout: ReferenceLayout, cfg: ModelConfig, base_dir: Optional[str],

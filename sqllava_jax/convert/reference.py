@@ -230,7 +230,7 @@ def original_non_lora_names(names) -> dict[str, str]:
 
 def original_model_name(model_path: str) -> str:
   """The name builder.py decides by (`get_model_name_from_path` in `mm_utils.py`)."""
-  parts = model_path.strip("/").split("/")
+  parts = str(model_path).strip("/").split("/")
   return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") else parts[-1]
 
 

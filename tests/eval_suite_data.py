@@ -13,6 +13,10 @@ SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 MMBENCH_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
                   "source", "l2-category", "comment", "split"]
+# Stand-ins for the official evaluators' files the judged protocols read their prompts from.
+MMBENCH_EVALUATOR = ("def build_option_str(option_list):\n  s = 'Options: \\n'\n  return s\n\n\n"
+                     "def build_prompt(question, options, prediction):\n"
+                     "  tmpl = ('Match. Q: {}\\n{}A: {}\\nYour output: ')\n  return tmpl\n")
 # A judge prompt standing in for MM-Vet's few-shot one, inside an evaluator-like file.
 MMVET_EVALUATOR = 'import os\n\nprompt = """Grade the prediction.\n\nQ | GT | P | C\n"""\n\n\n' \
                   'def main():\n  pass\n'
@@ -129,6 +133,8 @@ def make_eval_tree(root: str, sources: list[str]) -> str:
   os.makedirs(d("mmbench"), exist_ok=True)
   _mmbench_tsv(d("mmbench", "mmbench_dev_20230712.tsv"), sources, with_answers=True)
   _mmbench_tsv(d("mmbench", "mmbench_test_20230712.tsv"), sources, with_answers=False)
+  with open(d("mmbench", "eval_mmbench.py"), "w") as f:
+    f.write(MMBENCH_EVALUATOR)
   os.makedirs(d("mmbench_cn"), exist_ok=True)
   _mmbench_tsv(d("mmbench_cn", "mmbench_dev_cn_20231003.tsv"), sources, with_answers=True)
   # SEED-Bench: two image questions and one video-frame question (not scored).
@@ -223,10 +229,13 @@ class JudgeServer:
 
 
 def judge_reply(body) -> tuple[int, str]:
-  """The tests' judge: LLaVA-Bench reviews score by category (conv "8 6", detail "5,10");
+  """The tests' judge: MMBench matches every answer to "A"; LLaVA-Bench reviews score by
+  category (conv "8 6", detail "5,10");
   MM-Vet grades by the question: "0.5", one unreadable reply then "0.3" on the retry,
   "1.0"."""
   content = body["messages"][-1]["content"]
+  if content.endswith("Your output: "):  # MMBench's option matching
+    return 200, "A"
   if "[System]" in content:
     return 200, ("8 6\nThe second is shorter." if "conv answers" in content else
                  "5,10\nThe second is better.")

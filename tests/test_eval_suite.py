@@ -125,6 +125,11 @@ def test_scores_follow_the_official_rules(uninterrupted):
   # MM-Vet grades 0.5, 0.3 (after an unreadable reply), 1.0
   assert b["mmvet"]["score"] == 60.0
   assert b["mmvet"]["result"]["per_capability"] == {"ocr": 65.0, "rec": 40.0, "math": 100.0}
+  # MMBench: answers no rule reads went to the judge, which always said "A"
+  _, out, _ = uninterrupted
+  with open(os.path.join(out, "judge_cache.jsonl")) as f:
+    matched = [json.loads(line) for line in f if '"A"' in line]
+  assert b["mmbench"]["result"]["unresolved"] == 0 or matched
   assert b["mmbench"]["result"]["num_questions"] == 2
   assert b["mmbench"]["result"]["num_rows"] == 6
 

@@ -184,3 +184,75 @@ def test_submission_has_the_servers_columns(tmp_path):
   assert "G" not in second  # an unanswered row has an empty prediction
   assert not os.path.exists(out + ".tmp")
   json.dumps(first)
+
+
+EVALUATOR = '''import pandas as pd
+
+
+def build_option_str(option_list):
+    s = 'Options here: \\n'
+    for c, opt in zip('ABCD', option_list):
+        s += f'{c}. {opt}\\n'
+    return s
+
+
+def build_prompt(question, options, prediction):
+    tmpl = ('Match it. '
+            'Question: {}?\\nOptions: {}\\nAnswer: {}\\nYour output: ')
+    return tmpl.format(question, options, prediction)
+'''
+
+
+def _matcher(tmp_path, server):
+  from sqllava_jax.evaluation.judge import Judge, JudgeConfig  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "eval_mmbench.py"
+  path.write_text(EVALUATOR)
+  template, header = mmbench.read_matching_prompt(str(path))
+  assert (template, header) == ("Match it. Question: {}?\nOptions: {}\nAnswer: {}\nYour output: ",
+                                "Options here: \n")
+  judge = Judge(JudgeConfig(base_url=server.url, model="gpt-3.5", api_key_env="TEST_JUDGE_KEY"),
+                str(tmp_path / "cache.jsonl"))
+  return mmbench.OptionMatcher(judge, mmbench.MatchingProtocol(template, header))
+
+
+def test_the_judge_matches_what_no_rule_reads_then_a_seeded_random_letter(tmp_path,
+                                                                          monkeypatch):
+  import random  # pylint: disable=g-import-not-at-top
+  from tests.eval_suite_data import JudgeServer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+  replies = iter(["hmm", "B", "no idea", "none", "still no"])
+  row = {"index": 1, "question": "Which", "A": "red", "B": "blue", "C": None, "D": None,
+         "answer": "B"}
+  with JudgeServer(lambda body: (200, next(replies))) as server:
+    matcher = _matcher(tmp_path, server)
+    assert matcher(row, "the sky's colour") == "B"  # unreadable reply, then "B"
+    first = server.requests[0]
+    assert first["messages"] == [{"role": "user", "content": (
+        "Match it. Question: Which?\nOptions: Options here: \nA. red\nB. blue\n\n"
+        "Answer: the sky's colour\nYour output: ")}]
+    assert (first["temperature"], first["max_tokens"]) == (0.7, 512)
+    # three unreadable replies: a letter of A-D or E from random.seed(2680)'s stream
+    want = "ABCDE"[random.Random(2680).randint(0, 4)]
+    assert matcher(row, "something else") == want
+    assert len(server.requests) == 5
+
+
+def test_circular_evaluation_asks_the_judge_only_where_the_reference_does(tmp_path):
+  path = _circular_fixture(tmp_path)
+  asked = []
+
+  def match(row, answer):
+    asked.append(row["index"])
+    return row["answer"] if "right" in answer else "A"
+  answers = [
+      # question 1: two copies unread; the judge reads the first right, the second wrong
+      {"question_id": 1, "text": "A"}, {"question_id": 1000001, "text": "right, surely"},
+      {"question_id": 2000001, "text": "hmm"}, {"question_id": 3000001, "text": "B"},
+      # question 2: a copy read wrong by the rules: no judge call at all
+      {"question_id": 2, "text": "unclear"}, {"question_id": 1000002, "text": "B"},
+      # question 3: the unread copy matched right by the judge
+      {"question_id": 3, "text": "A"}, {"question_id": 1000003, "text": "right one"},
+  ]
+  result = mmbench.circular_scores(answers, str(path), match=match)
+  assert asked == [1000001, 2000001, 1000003]
+  assert result["accuracy"] == pytest.approx(1 / 3) and result["unresolved"] == 4

@@ -11,7 +11,8 @@ and dropped connections are retried with exponential back-off (a `Retry-After` h
 honoured up to the cap); other HTTP errors fail at once with the server's message.
 
 Every reply is appended to the cache file (one JSON line per request, keyed by a hash of
-model, messages, temperature and max_tokens) and flushed at once, so a rerun, or a run
+model, messages, temperature, max_tokens and, for a request asked again, the attempt) and
+flushed at once, so a rerun, or a run
 killed midway, never pays for the same request twice, and sampled judges (temperature > 0)
 give the same verdicts on a rerun.
 """
@@ -60,9 +61,11 @@ class Reply:
 
 
 def request_key(model: str, messages: Sequence[Mapping[str, str]], temperature: float,
-                max_tokens: int) -> str:
+                max_tokens: int, attempt: int = 0) -> str:
   body = {"model": model, "messages": list(messages), "temperature": float(temperature),
           "max_tokens": int(max_tokens)}
+  if attempt:
+    body["attempt"] = attempt
   return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -116,8 +119,10 @@ class Judge:
       os.fsync(f.fileno())
 
   def chat(self, messages: Sequence[Mapping[str, str]], *, temperature: float,
-           max_tokens: int) -> Reply:
-    key = request_key(self.config.model, messages, temperature, max_tokens)
+           max_tokens: int, attempt: int = 0) -> Reply:
+    """`attempt` > 0 asks the same request again (a protocol re-asking a sampling judge
+    whose reply it could not read): it is cached apart, not sent."""
+    key = request_key(self.config.model, messages, temperature, max_tokens, attempt)
     if key in self._cache:
       hit = self._cache[key]
       return Reply(hit["content"], hit["model"], cached=True)

@@ -25,11 +25,14 @@ category, image (base64), source, l2-category, comment, split.
 
 from __future__ import annotations
 
+import ast
 import collections
 import csv
+import dataclasses
 import os
+import random
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sqllava_jax.evaluation import xlsx
 from sqllava_jax.evaluation.records import as_answer_records, mean
@@ -172,15 +175,41 @@ def _grouped(rows: Sequence[Mapping[str, Any]]) -> dict[int, list[Mapping[str, A
   return groups
 
 
-def circular_scores(predictions: Any, annotations: Any) -> dict:
+def _group_hit(group: Sequence[Mapping[str, Any]], answers: Mapping[int, str],
+               match: Optional[Callable[[Mapping[str, Any], str], Optional[str]]]
+               ) -> tuple[bool, int, int]:
+  """(right, copies no rule reads, copies unanswered) for one question and its copies.
+
+  As eval_sub_data: a copy whose letter the rules read wrong ends the question before any
+  judge call; then each unread copy in turn goes to `match` (the judge), and the first
+  wrong one ends it (so the judge is asked no more than the reference asks it).
+  """
+  letters = {r["index"]: infer_answer(answers[r["index"]], r) for r in group
+             if r["index"] in answers}
+  unread = [r for r in group if r["index"] in letters and letters[r["index"]] is None]
+  unanswered = sum(r["index"] not in answers for r in group)
+  if unanswered or any(letters[r["index"]] not in (None, r["answer"]) for r in group
+                       if r["index"] in letters):
+    return False, len(unread), unanswered
+  for row in unread:
+    if match is None or match(row, answers[row["index"]]) != row["answer"]:
+      return False, len(unread), 0
+  return True, len(unread), 0
+
+
+def circular_scores(predictions: Any, annotations: Any, *,
+                    match: Optional[Callable[[Mapping[str, Any], str], Optional[str]]] = None
+                    ) -> dict:
   """MMBench dev circular accuracy.
 
   predictions: answer records (`question_id` = TSV index, `text`) or an answers JSONL path.
   annotations: the TSV's rows (`read_tsv(...)[1]`) or its path; they need `answer`.
+  match: the judge's reading of an answer no rule reads (`OptionMatcher`); without one such
+    a copy counts wrong.
   Returns `accuracy` (circular, over the questions of index < 1e6), `per_category`,
   `per_l2_category`, `num_questions`, `num_rows`, `unresolved` (copies no rule read a letter
-  from), `unanswered` (copies without an answer; both count wrong) and `vanilla_accuracy`
-  (the original rows alone, the same letter rules).
+  from), `unanswered` (copies without an answer: wrong) and `vanilla_accuracy` (the
+  original rows alone, by the rules alone).
   """
   rows = read_tsv(annotations)[1] if isinstance(annotations, (str, os.PathLike)) else annotations
   if any(r.get("answer") is None for r in rows):
@@ -191,29 +220,99 @@ def circular_scores(predictions: Any, annotations: Any) -> dict:
   if unknown:
     raise ValueError(f"mmbench: answers for indices {unknown[:5]} that the TSV does not have; "
                      "use the TSV the questions came from")
-  hits, vanilla, unresolved, unanswered = {}, {}, 0, 0
+  hits, vanilla, unresolved, unanswered = {}, [], 0, 0
   cats, l2 = collections.defaultdict(list), collections.defaultdict(list)
   for main, group in _grouped(rows).items():
-    ok = True
-    for row in group:
-      if row["index"] not in answers:
-        unanswered += 1
-        ok = False
-        continue
-      letter = infer_answer(answers[row["index"]], row)
-      unresolved += letter is None
-      ok &= letter == row["answer"]
-      if row["index"] == main:
-        vanilla[main] = letter == row["answer"]
+    ok, unread, missing = _group_hit(group, answers, match)
     hits[main] = ok
+    unresolved += unread
+    unanswered += missing
     head = group[0]
+    if main in answers:
+      vanilla.append(infer_answer(answers[main], head) == head["answer"])
     cats[head.get("category")].append(ok)
     l2[head.get("l2-category")].append(ok)
   return {"accuracy": mean(hits.values()), "num_questions": len(hits), "num_rows": len(rows),
           "per_category": {str(k): mean(v) for k, v in sorted(cats.items(), key=str)},
           "per_l2_category": {str(k): mean(v) for k, v in sorted(l2.items(), key=str)},
-          "unresolved": int(unresolved), "unanswered": unanswered,
-          "vanilla_accuracy": mean(vanilla.values()) if vanilla else None}
+          "unresolved": unresolved, "unanswered": unanswered,
+          "vanilla_accuracy": mean(vanilla) if vanilla else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchingProtocol:
+  """How tools/eval_mmbench.py asks gpt-3.5 to match an answer to an option: its prompt
+  (`template`, three `{}`: question, options, answer; `options_header` opens the option
+  list), the sampling of opencompass' OpenAI wrapper, three tries, then a seeded random
+  letter."""
+  template: str
+  options_header: str
+  temperature: float = 0.7
+  max_tokens: int = 512
+  attempts: int = 3
+  seed: int = 2680
+
+
+def read_matching_prompt(path: str) -> tuple[str, str]:
+  """(template, options_header) from the official evaluator's file, read with `ast`
+  (nothing is run): the string `tmpl` of `build_prompt` and the first string `s` of
+  `build_option_str`."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), filename=path)
+  found = {}
+  for fn in tree.body:
+    if isinstance(fn, ast.FunctionDef) and fn.name in ("build_prompt", "build_option_str"):
+      name = "tmpl" if fn.name == "build_prompt" else "s"
+      for node in fn.body:
+        if (isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+          found.setdefault(fn.name, node.value.value)
+  if len(found) != 2:
+    raise ValueError(f"{path} lacks build_prompt's `tmpl` or build_option_str's `s`; give "
+                     "open-compass/opencompass tools/eval_mmbench.py")
+  return found["build_prompt"], found["build_option_str"]
+
+
+class OptionMatcher:
+  """The judge's letter for an answer the rules cannot read, or a random one after
+  `attempts` replies the rules cannot read either (one seeded stream for the whole run, as
+  the reference's `rd.seed(2680)`)."""
+
+  def __init__(self, judge, protocol: MatchingProtocol):
+    self.judge, self.protocol = judge, protocol
+    self._random = random.Random(protocol.seed)
+    self.calls = 0
+
+  def prompt(self, row: Mapping[str, Any], answer: str) -> str:
+    options = "".join(f"{k}. {v}\n" for k, v in zip(OPTION_LETTERS, _present_options(row)))
+    return self.protocol.template.format(row["question"], self.protocol.options_header + options,
+                                         answer)
+
+  def __call__(self, row: Mapping[str, Any], answer: str) -> Optional[str]:
+    message = [{"role": "user", "content": self.prompt(row, answer)}]
+    for attempt in range(self.protocol.attempts):
+      self.calls += 1
+      reply = self.judge.chat(message, temperature=self.protocol.temperature,
+                              max_tokens=self.protocol.max_tokens, attempt=attempt
+                              ).content.strip()
+      letter = infer_answer(reply, row)
+      if letter:
+        return letter
+    # The reference counts the option columns the row has (all four in the TSV), adds E.
+    n = sum(k in row for k in OPTION_LETTERS)
+    if n < 2:
+      return None
+    return (OPTION_LETTERS[:n] + "E")[self._random.randint(0, n)]
+
+
+def _present_options(row: Mapping[str, Any]) -> list[str]:
+  """extract_options: A, B, ... up to the first missing cell (pandas' NaN only)."""
+  out = []
+  for k in OPTION_LETTERS:
+    if row.get(k) is None:
+      break
+    out.append(row[k])
+  return out
 
 
 def write_submission(path: str, tsv_path: str, predictions: Any) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import jax
 
-from sqllava_jax.evaluation import llava_bench, mmvet, submissions
+from sqllava_jax.evaluation import llava_bench, mmbench, mmvet, submissions
 from sqllava_jax.evaluation.benchmarks import (Benchmark, Entry, Suite, load_suite,
                                                read_questions)
 from sqllava_jax.evaluation.engine import Engine
@@ -166,13 +166,35 @@ class _Run:
       if annotations is None:
         outcome.note += f"not scored: {os.path.join(bench.folder, bench.annotations)} is absent"
         return
-      result = score(bench.scorer, answers, annotations)
+      match = self._option_matcher(bench)
+      if match is not None:
+        result = mmbench.circular_scores(answers, annotations, match=match)
+      else:
+        result = score(bench.scorer, answers, annotations)
+        if result.get("unresolved"):
+          outcome.note += (f"{result['unresolved']} answers no rule reads counted wrong (the "
+                           "official evaluator has a judge match them: name one and put its "
+                           f"file at {os.path.join(bench.folder, bench.judge.prompt_file)}). ")
     else:
       return
     if result is not None:
       outcome.result = result
       outcome.score = _headline(result, bench.headline, bench.scale)
       outcome.status = "scored"
+
+  def _option_matcher(self, bench: Benchmark) -> Optional[mmbench.OptionMatcher]:
+    """MMBench's judge for answers no rule reads, when a judge and the official evaluator's
+    file (its prompt) are there."""
+    if bench.scorer != "mmbench" or not bench.judge.prompt_file or self.judge is None:
+      return None
+    path = bench.path(self.options.data_dir, bench.judge.prompt_file)
+    if not os.path.isfile(path):
+      return None
+    template, header = mmbench.read_matching_prompt(path)
+    p = bench.judge
+    return mmbench.OptionMatcher(self.judge, mmbench.MatchingProtocol(
+        template, header, temperature=p.temperature, max_tokens=p.max_tokens,
+        attempts=p.max_replies))
 
   def _judged(self, bench: Benchmark, outcome: Outcome, answers: str) -> Optional[dict]:
     if self.judge is None:

@@ -15,9 +15,11 @@ category, image (base64), source, l2-category, comment, split.
   letter. A letter is read from the answer by `infer_option` (a single capital letter A..E
   standing alone, or wrapped as `A.`, `(A)`, `A:` and the like), else by `infer_text` (the
   answer contains the text of exactly one option). Where neither reads a letter the official
-  evaluator asks gpt-3.5 to match the answer to an option; we count such a copy wrong and
-  report how many there were (`unresolved`): with LLaVA's "answer with the letter" prompt
-  they are rare. Accuracy is reported overall and per category and l2-category.
+  evaluator asks gpt-3.5 to match the answer to an option, then draws a random letter:
+  `OptionMatcher` does the same through our judge, with the prompt read from the official
+  file; without it such a copy counts wrong (`unresolved` says how many there were: with
+  LLaVA's "answer with the letter" prompt they are rare). Accuracy is reported overall and
+  per category and l2-category.
 - Submission (both splits): the Excel file of scripts/convert_mmbench_for_submission.py:
   the TSV's columns without hint, category, source, image, comment and l2-category, with a
   `prediction` column inserted as the seventh.

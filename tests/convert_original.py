@@ -26,7 +26,7 @@ from tests.test_projector_parity import torch_prototype_extractor
 ATOL = 1e-5  # fp32 on both sides
 LLM_R, LLM_ALPHA, VIT_R, VIT_ALPHA = 4, 8, 2, 6
 # The original hard-codes Clustering(mm_hidden_size, hidden_size, 256, 2); a 64-pixel image
-# in patches of 4 gives 256 tokens, so pooling is exact and every prototype is in use.
+# in patches of 4 gives 256 tokens, one per prototype in the initial pooling.
 PROTOTYPES, ITERATIONS, IMAGE, PATCH = 256, 2, 64, 4
 TOKENS = (IMAGE // PATCH) ** 2
 CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
@@ -43,8 +43,8 @@ LLAMA_431 = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 
 
 class Clustering(torch.nn.Module):
-  """The original's cluster projector's parameters (`cluster.py`), its forward the PyTorch
-  version of docs section 2 in test_projector_parity."""
+  """The original's cluster projector's parameters (`multimodal_projector/cluster.py`: its
+  `mlp` is Linear, QuickGELU, Linear); its forward is test_projector_parity's PyTorch one."""
 
   def __init__(self, d, h):
     super().__init__()
@@ -52,7 +52,8 @@ class Clustering(torch.nn.Module):
     self.sim_beta = torch.nn.Parameter(torch.zeros(1, 1, 1))
     self.c, self.v, self.f = (torch.nn.Linear(d, d) for _ in range(3))
     self.ln_1 = torch.nn.LayerNorm(d)
-    self.mlp = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, h))
+    self.mlp = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Identity(),  # QuickGELU
+                                   torch.nn.Linear(h, h))
 
   def forward(self, x):  # [B, L, D] -> [B, L, H]
     return torch_prototype_extractor(x, dict(self.state_dict()), PROTOTYPES, ITERATIONS)

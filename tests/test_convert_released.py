@@ -147,6 +147,11 @@ def test_vit_lora_inside_the_adapter_is_never_applied(released, tmp_path):
   assert not np.asarray(model.vision.layers.self_attn.q_proj.lora_b[...]).any()
   compare_with_original(model, original_load(root / "sqllava-lora-novit",
                                              root / "sharegpt4v-base"), "LoRA without Vit-lora")
+  # --no-vit-lora: the same with MODEL/Vit-lora present (the original without lora_pt).
+  model, _ = import_cli(released, "sqllava-lora-7b", tmp_path / "none", "--base",
+                        root / "sharegpt4v-base", "--no-vit-lora")
+  compare_with_original(model, original_load(root / "sqllava-lora-7b", root / "sharegpt4v-base"),
+                        "--no-vit-lora")
   # An explicit --vit-lora (the stage-1 one, other values) replaces MODEL/Vit-lora.
   model, _ = import_cli(released, "sqllava-lora-7b", tmp_path / "explicit", "--base",
                         root / "sharegpt4v-base", "--vit-lora",

@@ -1,7 +1,8 @@
 """`sqllava-jax convert`: checkpoints in and out.
 
   convert import-hf --llm DIR --vision DIR [--projector FILE] --config CONFIG --out CKPT
-  convert import-sqllava --model DIR [--base DIR] [--vision DIR] [--vit-lora DIR] --out CKPT
+  convert import-sqllava --model DIR [--base DIR] [--vision DIR] [--vit-lora DIR | --no-vit-lora]
+                         --out CKPT
   convert export-hf --ckpt CKPT --out DIR --format FORMAT [--vision-tower NAME]
 
 Imports write a model-only orbax checkpoint (what `train`, `eval`, `generate` and `ask`
@@ -45,9 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "with mm_* fields: merged, LoRA, or stage-1 mm_projector.bin)")
   p.add_argument("--base", help="base LLM directory, for LoRA and stage-1 checkpoints")
   p.add_argument("--vision", help="CLIP vision tower directory (default: mm_vision_tower)")
-  p.add_argument("--vit-lora", help="ViT-LoRA PEFT directory, the original's lora_pt (default: "
-                 "MODEL/Vit-lora if present; the ViT tensors inside MODEL's adapter_model are "
-                 "never applied, as in the original)")
+  vit = p.add_mutually_exclusive_group()
+  vit.add_argument("--vit-lora", help="ViT-LoRA PEFT directory, the original's lora_pt "
+                   "(default: MODEL/Vit-lora if present; the ViT tensors inside MODEL's "
+                   "adapter_model are never applied, as in the original)")
+  vit.add_argument("--no-vit-lora", action="store_true",
+                   help="no ViT-LoRA even if MODEL/Vit-lora exists (the original without "
+                        "--lora_pretrain)")
   _add_config(p, required=False)
   _add_output(p, "checkpoint directory")
 
@@ -97,7 +102,8 @@ def run_import_sqllava(args) -> str:
   from sqllava_jax.convert.reference import import_reference, source_tokenizer
   check_output(args.out, overwrite=args.overwrite)
   model, cfg, notes = import_reference(args.model, _config(args), base_dir=args.base,
-                                       vision_dir=args.vision, vit_lora_dir=args.vit_lora)
+                                       vision_dir=args.vision, vit_lora_dir=args.vit_lora,
+                                       use_vit_lora=not args.no_vit_lora)
   for note in notes:
     print(f"import-sqllava: {note}", file=sys.stderr)
   return write_checkpoint(args.out, model, cfg, overwrite=args.overwrite,

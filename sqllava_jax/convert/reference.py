@@ -162,7 +162,7 @@ class ReferenceLayout:
 
 
 def detect_layout(model_dir: str, *, base_dir: Optional[str], vision_dir: Optional[str],
-                  vit_lora_dir: Optional[str]) -> ReferenceLayout:
+                  vit_lora_dir: Optional[str], use_vit_lora: bool = True) -> ReferenceLayout:
   hf = read_config(model_dir)
   if "mm_projector_type" not in hf and "mm_vision_tower" not in hf:
     raise CheckpointError(f"{model_dir}/config.json has no mm_projector_type or mm_vision_tower: "
@@ -181,7 +181,9 @@ def detect_layout(model_dir: str, *, base_dir: Optional[str], vision_dir: Option
         f"--vit-lora {vit_lora_dir} is the LoRA checkpoint itself: the original's lora_pt loads "
         "nothing from it (its ViT tensors are named for the whole model, not the tower); pass "
         f"{os.path.join(vit_lora_dir, VIT_LORA_DIR)}")
-  if vit_lora_dir is None and os.path.isdir(os.path.join(model_dir, VIT_LORA_DIR)):
+  if not use_vit_lora:  # the original without lora_pt
+    vit_lora_dir = None
+  elif vit_lora_dir is None and os.path.isdir(os.path.join(model_dir, VIT_LORA_DIR)):
     vit_lora_dir = os.path.join(model_dir, VIT_LORA_DIR)
   return ReferenceLayout(kind, model_dir, hf, _vision_dir(model_dir, hf, vision_dir), vit_lora_dir)
 
@@ -382,20 +384,22 @@ def _layout_notes(layout: ReferenceLayout, cfg: ModelConfig, base_dir: Optional[
   if layout.vit_lora_dir:
     notes.append(f"ViT-LoRA from {layout.vit_lora_dir} (the original's lora_pt)")
   else:
-    notes.append("no ViT-LoRA: no Vit-lora/ beside the model and no --vit-lora, so the tower is "
-                 f"{layout.vision_dir} as is (the original without lora_pt)")
+    notes.append(f"no ViT-LoRA (none given, or --no-vit-lora): the tower is {layout.vision_dir} "
+                 "as is (the original without lora_pt)")
   return notes
 
 
 def import_reference(model_dir: str, base: Config, *, base_dir: Optional[str] = None,
-                     vision_dir: Optional[str] = None, vit_lora_dir: Optional[str] = None):
+                     vision_dir: Optional[str] = None, vit_lora_dir: Optional[str] = None,
+                     use_vit_lora: bool = True):
   """(SQLLaVA, Config, notes) from a checkpoint of the original: the model its
-  `load_pretrained_model(model_dir, base_dir, lora_pt=vit_lora_dir)` builds. Adapters the
+  `load_pretrained_model(model_dir, base_dir, lora_pt=...)` builds, `lora_pt` being
+  `vit_lora_dir`, else MODEL/Vit-lora, none with `use_vit_lora=False`. Adapters the
   checkpoint lacks are freshly initialised (B = 0, so they change nothing until trained)."""
   from sqllava_jax.convert.hf import abstract_shapes, assemble, read_clip_vision
   from sqllava_jax.models.sqllava import SQLLaVA
   layout = detect_layout(model_dir, base_dir=base_dir, vision_dir=vision_dir,
-                         vit_lora_dir=vit_lora_dir)
+                         vit_lora_dir=vit_lora_dir, use_vit_lora=use_vit_lora)
   if layout.kind != "merged":
     check_base_fits(base_dir, layout.hf, model_dir)
   cfg = layout_config(layout, base)

@@ -320,3 +320,27 @@ def test_without_a_judge_the_judged_benchmarks_are_answered_and_written(tree, en
     assert b[name]["status"] == status and "not judged" in b[name]["note"], name
     assert b[name]["score"] is None
   assert set(json.load(open(b["mmvet"]["files"]["submission"]))) == {"v1_0", "v1_1", "v1_2"}
+
+
+def test_two_processes_answer_as_one(tree, uninterrupted, tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  run, data = tree
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=TEST_XLA_FLAGS)
+  argv = [sys.executable, "-m", "sqllava_jax.cli", "eval-suite", "--ckpt", run.ckpt, "--suite",
+          SUITE, "--data", data, "--out", str(tmp_path), "--only", "pope", "--batch-size",
+          str(BATCH), "--max-new-tokens", str(NEW), "--model-id", "tiny", "--no-progress",
+          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  _, full_out, _ = uninterrupted
+  assert _answers(str(tmp_path), "pope") == _answers(full_out, "pope")
+  logged = answer_log.read_logs(str(tmp_path / "pope"), 2)  # each process its share
+  assert sorted(r["index"] for r in logged) == [0, 1, 2, 3]
+  assert os.path.getsize(tmp_path / "pope" / "answers.1-of-2.jsonl") > 0

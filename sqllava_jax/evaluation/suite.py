@@ -115,7 +115,11 @@ class _Run:
       wanted = " or ".join(os.path.join(bench.folder, q) for q in bench.questions)
       outcome.note = f"not found: {wanted}"
       return outcome
-    questions = read_questions(bench, question_file)
+    try:
+      questions = read_questions(bench, question_file)
+    except ValueError as e:  # a damaged question file stops this benchmark, not the suite
+      outcome.status, outcome.note = "error", f"{type(e).__name__}: {e}"
+      return outcome
     start = time.perf_counter()
     out_dir = os.path.join(self.options.out_dir, bench.name)
     done = run_eval(self.engine, questions, self.settings(bench), out_dir,
@@ -265,13 +269,19 @@ def report(suite: Suite, suite_path: str, options: SuiteOptions, outcomes: list[
 
 
 def _cell(o: dict) -> str:
+  """This run's entry in the table: the score, the file to submit, or what happened."""
   if o["status"] == "scored":
-    return f"{o['score']:.1f}" if o["score"] is not None else "n/a"
-  if o["status"] == "submission":
-    return f"submit `{os.path.basename(os.path.dirname(o['files']['submission']))}/" \
-           f"{os.path.basename(o['files']['submission'])}`" if "submission" in o["files"] \
-        else "answered"
-  return {"answers": "answered", "error": "error"}.get(o["status"], "skipped")
+    return "n/a" if o["score"] is None else f"{o['score']:.1f}"
+  if o["status"] == "submission" and "submission" in o["files"]:
+    path = o["files"]["submission"]
+    return f"submit `{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}`"
+  return {"submission": "answered", "answers": "answered", "error": "error"}.get(o["status"],
+                                                                                 "skipped")
+
+
+def _note(text: str) -> str:
+  """A table cell: one line, no column bars."""
+  return " ".join(text.split()).replace("|", "\\|")
 
 
 def markdown(rep: dict) -> str:
@@ -286,7 +296,7 @@ def markdown(rep: dict) -> str:
   for o in rep["benchmarks"]:
     paper = "" if o["paper"] is None else f"{o['paper']:.1f}"
     lines.append(f"| {o['title']} | {paper} | {_cell(o)} | {o['num_questions'] or ''} | "
-                 f"{o['note'].strip()} |")
+                 f"{_note(o['note'])} |")
   return "\n".join(lines) + "\n"
 
 

@@ -60,7 +60,7 @@ def test_second_train_refuses_naming_the_live_holder(holder, tmp_path):
                            f"output_dir={out}", f"data.synthetic.dir={tmp_path / 'data'}"],
                           env=subprocess_env(1), capture_output=True, text=True, timeout=300)
   assert second.returncode == 1, second.stderr[-2000:]
-  last = second.stderr.strip().splitlines()[-1]
+  last = [l for l in second.stderr.splitlines() if l.startswith("sqllava-jax train: error:")][-1]
   assert last.startswith(f"sqllava-jax train: error: {out} is in use by another run")
   assert f"host {held['host']}, pid {proc.pid}, started {held['started']}" in last
   # It refused before writing anything: no checkpoint directory, the holder's lock untouched.

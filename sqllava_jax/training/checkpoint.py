@@ -19,8 +19,11 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 import re
+import shutil
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -59,17 +62,15 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int = 1, keep: Optional[int] = None,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    # Temporary directories of failed or killed saves are removed when a writer opens the
-    # directory, which is also how a failed save gives its space back (see `_failed`).
     self.options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(save_every, 1), max_to_keep=keep,
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
-        cleanup_tmp_directories=not read_only,
         temporary_path_class=integrity.temporary_path_class(self.directory))
-    self.manager = self._open()
+    # A writer starts by removing the temporary directories of saves that were killed.
+    self.manager = self._open(cleanup=not read_only)
     self._in_flight: Optional[int] = None  # the step of an async save not yet waited for
 
-  def _open(self) -> ocp.CheckpointManager:
+  def _open(self, cleanup: bool = False) -> ocp.CheckpointManager:
     handlers = {PARAMS: ocp.StandardCheckpointHandler(), TRAIN: ocp.StandardCheckpointHandler(),
                 META: ocp.JsonCheckpointHandler()}
     try:
@@ -77,7 +78,8 @@ class Checkpointer:
       handlers[DATA] = grain.checkpoint.CheckpointHandler()
     except (ImportError, AttributeError):
       pass
-    return ocp.CheckpointManager(self.directory, options=self.options, item_handlers=handlers)
+    options = dataclasses.replace(self.options, cleanup_tmp_directories=cleanup)
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -109,12 +111,17 @@ class Checkpointer:
 
   def _failed(self, step: int, cause: BaseException) -> CheckpointSaveError:
     """After a failed save orbax's own list of steps is wrong (it has already dropped the
-    steps that the new one would have replaced); a fresh manager lists what is on disk."""
+    steps that the new one would have replaced); a fresh manager lists what is on disk. The
+    half-written step is removed to give its space back, as far as it goes: writes of the
+    failed save may still be landing in it (what is left goes when the next run starts)."""
     try:
       self.manager.close()
     except _SAVE_ERRORS:
       pass
     self.manager = self._open()
+    if jax.process_index() == 0 and "://" not in self.directory:
+      for partial in glob.glob(f"{glob.escape(self.step_dir(step))}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
     return CheckpointSaveError(step, self.step_dir(step), cause)
 
   def item_names(self, step: int) -> set[str]:

@@ -12,6 +12,10 @@
     splash   the Pallas splash-attention kernel (TPU), segment ids handled in the kernel.
     auto     cudnn on GPU, splash on TPU, blocked elsewhere, each where it applies.
 
+Decoding over a KV cache goes through `cache_attention`: the cache is heads-major
+[B, K, S, H], so its products read keys and values where they lie (with a [B, S, K, H] cache
+XLA would transpose both whole caches in every layer at every step).
+
 Segment ids (int[B, T]; padding 0, packed examples 1, 2, ...) keep attention inside an
 example without a [B, 1, T, T] mask in memory for `blocked` and `splash`; `xla` and `cudnn`
 build the dense mask. Calls an implementation cannot take (non-causal, cross-attention over a
@@ -92,6 +96,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
   full = combine_masks(mask, segment_ids)
   return jax.nn.dot_product_attention(q, k, v, mask=full, is_causal=is_causal,
                                       implementation=chosen)
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Queries over a heads-major KV cache. q: [B, T, N, H]; k, v: [B, K, S, H] (N % K == 0:
+  query head n reads kv head n // (N / K), as transformers' `repeat_kv`); mask: bool
+  [B, 1, T, S] (True = attend) -> [B, T, N, H]. Scores and softmax in float32."""
+  b, t, n, h = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  g = n // kh
+  q = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+  scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / h ** 0.5)
+  mask = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+  return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def combine_masks(mask: Optional[jax.Array],

@@ -22,17 +22,24 @@ from jax.ad_checkpoint import checkpoint_name
 from sqllava_jax.config import LLMConfig, LoRAConfig
 from sqllava_jax.convert.keymap import KeySpec, linear_specs, norm_specs, transpose
 from sqllava_jax.models import layers as L
-from sqllava_jax.models.attention import attention
+from sqllava_jax.models.attention import attention, cache_attention
 from sqllava_jax.models.lora import fold_rng, linear_factory
+
+
+# Logical axes of a layer's cache [B, K, S, H] and of the stacked cache [L, B, K, S, H]:
+# rows over the batch axes, kv heads over `tensor`, as the activations they hold.
+CACHE_AXES = ("batch", "kv_heads", "length", None)
+STACKED_CACHE_AXES = ("layers",) + CACHE_AXES
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys/values of every layer: k, v [layers, B, S, kv_heads, head_dim], or with
-  `per_layer=True` tuples of one heads-major [B, kv_heads, S, head_dim] array per layer (the
-  layout of `decode(..., layers=...)`); `valid` [B, S] marks slots holding real tokens;
-  `index` is the next slot to write (shared by all rows)."""
+  """Keys/values of every layer, heads-major (the layout `cache_attention` reads in place):
+  k, v [layers, B, kv_heads, S, head_dim], or with `per_layer=True` tuples of one
+  [B, kv_heads, S, head_dim] array per layer (the layout of `decode(..., layers=...)`);
+  `valid` [B, S] marks slots holding real tokens; `index` is the next slot to write (shared
+  by all rows)."""
   k: jax.Array | tuple[jax.Array, ...]
   v: jax.Array | tuple[jax.Array, ...]
   valid: jax.Array
@@ -41,18 +48,28 @@ class KVCache:
   @classmethod
   def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.float32, *,
            per_layer: bool = False) -> "KVCache":
+    """Zeros, sharded like `CACHE_AXES` under active axis rules."""
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
     if per_layer:
-      shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
-      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+      zeros = lambda: tuple(L.shard_activation(jnp.zeros(shape, dtype), CACHE_AXES)
+                            for _ in range(cfg.num_layers))
     else:
-      shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
-      k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-    return cls(k=k, v=v, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+      zeros = lambda: L.shard_activation(jnp.zeros((cfg.num_layers,) + shape, dtype),
+                                         STACKED_CACHE_AXES)
+    valid = L.shard_activation(jnp.zeros((batch, max_len), bool), ("batch", "length"))
+    return cls(k=zeros(), v=zeros(), valid=valid, index=jnp.zeros((), jnp.int32))
 
   @property
   def per_layer(self) -> bool:
     return isinstance(self.k, tuple)
+
+
+def write_slots(stacked: jax.Array, new: jax.Array, layer, index) -> jax.Array:
+  """stacked [L, B, K, S, H] with new [B, T, K, H] written at layer `layer`, slots
+  index..index+T-1, in place (only the new slots are written)."""
+  new = new.swapaxes(1, 2).astype(stacked.dtype)[None]
+  out = jax.lax.dynamic_update_slice(stacked, new, (layer, 0, 0, index, 0))
+  return L.shard_activation(out, STACKED_CACHE_AXES)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -87,7 +104,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, masking, cache_kv, rng):
     """x: [B, T, D]; positions: int[B, T]; masking: segment ids int[B, T] or None without a
-    cache, the cache mask [B, 1, T, S] with one; cache_kv: (k, v, index) or None."""
+    cache, the cache mask [B, 1, T, S] with one; cache_kv: None, or (k, v, layer, index):
+    the stacked caches [L, B, K, S, H], this layer's index in them and the first slot to
+    write. Returns (out [B, T, D], the updated (k, v) or None)."""
     b, t, _ = x.shape
     q = self.q_proj(x, fold_rng(rng, 0)).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x, fold_rng(rng, 1)).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -100,10 +119,11 @@ class Attention(nnx.Module):
       out = attention(q, k, v, impl=self.impl, segment_ids=masking, is_causal=True,
                       block_size=self.block_size)
     else:
-      ck, cv, index = cache_kv
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-      out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=self.impl, mask=masking)
+      ck, cv, layer, index = cache_kv
+      ck, cv = write_slots(ck, k, layer, index), write_slots(cv, v, layer, index)
+      keys = L.shard_activation(ck[layer].astype(q.dtype), CACHE_AXES)
+      values = L.shard_activation(cv[layer].astype(q.dtype), CACHE_AXES)
+      out = cache_attention(q, keys, values, masking)
       new_kv = (ck, cv)
     out = L.shard_activation(out, ("batch", "length", "heads", None))
     return self.o_proj(out.reshape(b, t, -1), fold_rng(rng, 3)), new_kv
@@ -187,8 +207,8 @@ class Llama(nnx.Module):
     of the new tokens are real (left padding is not). Returns (hidden [B, T, D], cache).
     `layers` (with a per-layer cache): the decoder layers as separate modules, run one
     after another instead of scanned. A scan slices each layer's weights out of the stacked
-    arrays, which XLA does with a copy: every decode step would write all the weights once
-    more and read them twice. Separate arrays are read once, in place.
+    arrays, which the CPU does with a copy: every decode step would write all the weights
+    once more and read them twice. Separate arrays are read once, in place.
     """
     x = L.shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
     n = self.cfg.num_layers
@@ -206,19 +226,24 @@ class Llama(nnx.Module):
     new_valid = jnp.ones(x.shape[:2], bool) if token_valid is None else token_valid
     valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
     mask = cache_mask(valid, cache.index, t)
+    if (layers is not None) != cache.per_layer:
+      raise ValueError("a per-layer KV cache goes with unstacked layers: pass both "
+                       "layers=model.unstacked_layers() and KVCache.init(per_layer=True), "
+                       "or neither")
     if layers is not None:
       x, k, v = _run_unstacked(layers, x, positions, mask, cache, rngs)
       return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
-    if cache.per_layer:
-      raise ValueError("a per-layer KV cache goes with unstacked layers: pass "
-                       "layers=model.unstacked_layers() or use KVCache.init(per_layer=False)")
 
-    def body_cached(layer, h, inputs):
-      layer_rng, ck, cv = inputs
-      h, (ck, cv) = layer(h, positions, mask, (ck, cv, cache.index), layer_rng)
-      return h, (ck, cv)
+    def body_cached(layer, carry, inputs):
+      # The whole cache rides in the carry and each layer writes only its new slots: as
+      # scanned inputs and outputs it would be held twice and copied whole at every step.
+      h, ck, cv = carry
+      layer_rng, i = inputs
+      h, (ck, cv) = layer(h, positions, mask, (ck, cv, i, cache.index), layer_rng)
+      return (h, ck, cv), None
 
-    x, (k, v) = L.scan_layers(self.layers, body_cached, x, (rngs, cache.k, cache.v))
+    (x, k, v), _ = L.scan_layers(self.layers, body_cached, (x, cache.k, cache.v),
+                                 (rngs, jnp.arange(n)))
     return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 
   def unstacked_layers(self) -> tuple[nnx.GraphDef, list[nnx.State]]:
@@ -237,55 +262,19 @@ class Llama(nnx.Module):
 
 
 def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs):
-  """The decoder layers in turn, each with its own cache arrays (updated in place)."""
-  if not cache.per_layer or len(cache.k) != len(layers):
-    raise ValueError(f"unstacked layers need a per-layer KV cache with one entry per layer "
-                     f"({len(layers)}): KVCache.init(..., per_layer=True)")
+  """The decoder layers in turn, each with its own cache arrays [B, K, S, H] (seen by the
+  layer as a stack of one, a free reshape; updated in place)."""
+  if len(cache.k) != len(layers):
+    raise ValueError(f"{len(layers)} unstacked layers but a per-layer KV cache of "
+                     f"{len(cache.k)}: KVCache.init(..., per_layer=True) for this model")
   ks, vs = [], []
   for i, layer in enumerate(layers):
     layer_rng = None if rngs is None else rngs[i]
-    x, k, v = _decode_layer(layer, x, positions, mask, cache.k[i], cache.v[i], cache.index,
-                            layer_rng)
-    ks.append(k)
-    vs.append(v)
+    x, (k, v) = layer(x, positions, mask, (cache.k[i][None], cache.v[i][None], 0, cache.index),
+                      layer_rng)
+    ks.append(k[0])
+    vs.append(v[0])
   return x, tuple(ks), tuple(vs)
-
-
-def _decode_layer(layer: DecoderLayer, x, positions, mask, ck, cv, index, rng):
-  """`DecoderLayer.__call__` with a heads-major cache ck, cv [B, K, S, H]: the attention
-  products read keys and values where they lie. With the [B, S, K, H] layout XLA transposes
-  both whole caches in every layer at every step, which on a CPU costs more than the
-  layer's matmuls at batch 8. Returns (x [B, T, D], ck, cv)."""
-  attn, attn_rng = layer.self_attn, fold_rng(rng, 0)
-  h = layer.input_layernorm(x)
-  b, t, _ = h.shape
-  q = attn.q_proj(h, fold_rng(attn_rng, 0)).reshape(b, t, attn.num_heads, attn.head_dim)
-  k = attn.k_proj(h, fold_rng(attn_rng, 1)).reshape(b, t, attn.num_kv_heads, attn.head_dim)
-  v = attn.v_proj(h, fold_rng(attn_rng, 2)).reshape(b, t, attn.num_kv_heads, attn.head_dim)
-  q, k = rotary(q, positions, attn.theta), rotary(k, positions, attn.theta)
-  ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), (0, 0, index, 0))
-  cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), (0, 0, index, 0))
-  out = heads_major_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
-  x = x + attn.o_proj(out.reshape(b, t, -1), fold_rng(attn_rng, 3))
-  x = x + layer.mlp(layer.post_attention_layernorm(x), fold_rng(rng, 1))
-  return x, ck, cv
-
-
-def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """q: [B, T, N, H]; k, v: [B, K, S, H] (N % K == 0: query head n reads kv head n // (N/K),
-  as transformers' `repeat_kv`); mask: bool[B, 1, T, S] -> [B, T, N, H]. Scores and softmax
-  in float32."""
-  b, t, n, h = q.shape
-  kh, s = k.shape[1], k.shape[2]
-  g = n // kh
-  q = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-  scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / h ** 0.5)
-  mask = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
-  return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def hf_key_map(cfg: LLMConfig) -> list[KeySpec]:

@@ -17,6 +17,7 @@ from sqllava_jax.training.checkpoint import (Checkpointer, DamagedCheckpointErro
                                              abstract_params, config_from_meta, load_model)
 from sqllava_jax.training.optimizer import flat
 from sqllava_jax.training.trainer import Trainer
+from tests.checkpoint_helpers import trained  # noqa: F401  (a fixture)
 from tests.train_helpers import CONFIG, tiny_cfg
 
 ORBAX_COMMIT_FILES = {"_CHECKPOINT_METADATA", "commit_success.txt"}
@@ -25,15 +26,6 @@ ORBAX_COMMIT_FILES = {"_CHECKPOINT_METADATA", "commit_success.txt"}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-  """A finished 4-step run with checkpoints at steps 2 and 4."""
-  out = str(tmp_path_factory.mktemp("trained"))
-  Trainer(tiny_cfg(out, data_dir, "train.max_steps=4", "train.save_every=2")).run()
-  assert not os.path.exists(os.path.join(out, "run.lock")), "the run must release its lock"
-  return out
 
 
 @pytest.fixture

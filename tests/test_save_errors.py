@@ -18,6 +18,7 @@ import pytest
 from sqllava_jax.training.checkpoint import Checkpointer, CheckpointSaveError, load_model
 from sqllava_jax.training.optimizer import flat
 from sqllava_jax.training.trainer import Trainer
+from tests.checkpoint_helpers import trained  # noqa: F401  (a fixture)
 from tests.train_helpers import CONFIG, metrics, subprocess_env, tiny_cfg
 
 # Above what training writes between saves (metrics and data-order lines), below the
@@ -28,13 +29,6 @@ FILE_LIMIT = 64 << 10
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-  out = str(tmp_path_factory.mktemp("trained"))
-  Trainer(tiny_cfg(out, data_dir, "train.max_steps=4", "train.save_every=2")).run()
-  return out
 
 
 def limit_file_size():
@@ -91,17 +85,23 @@ def test_disk_full_stops_cleanly_and_the_previous_checkpoint_survives(trained, d
   assert sorted(n for n in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp" not in n) == ["2", "4"]
 
 
-def test_continue_goes_on_after_a_failed_save(data_dir, tmp_path, monkeypatch, capsys):
-  out = str(tmp_path / "run")
-  trainer = Trainer(tiny_cfg(out, data_dir, "train.max_steps=8", "train.save_every=2",
-                             "train.on_save_error=continue"))
+def trainer_failing_at(step, out, data_dir, monkeypatch, *overrides) -> Trainer:
+  """A trainer whose save of `step` runs under the file-size limit (and fails)."""
+  trainer = Trainer(tiny_cfg(out, data_dir, "train.save_every=2", *overrides))
   save = trainer.ckpt.save
 
-  def failing_at_step_4(step, **kw):
-    with file_size_limit() if step == 4 else contextlib.nullcontext():
-      return save(step, **kw)
+  def limited(at, **kw):
+    with file_size_limit() if at == step else contextlib.nullcontext():
+      return save(at, **kw)
 
-  monkeypatch.setattr(trainer.ckpt, "save", failing_at_step_4)
+  monkeypatch.setattr(trainer.ckpt, "save", limited)
+  return trainer
+
+
+def test_continue_goes_on_after_a_failed_save(data_dir, tmp_path, monkeypatch, capsys):
+  out = str(tmp_path / "run")
+  trainer = trainer_failing_at(4, out, data_dir, monkeypatch, "train.max_steps=8",
+                               "train.on_save_error=continue")
   summary = trainer.run()
   err = capsys.readouterr().err
   ckpt_dir = os.path.join(out, "checkpoints")
@@ -115,15 +115,8 @@ def test_continue_goes_on_after_a_failed_save(data_dir, tmp_path, monkeypatch, c
 
 def test_a_failed_last_save_stops_even_with_continue(data_dir, tmp_path, monkeypatch):
   out = str(tmp_path / "run")
-  trainer = Trainer(tiny_cfg(out, data_dir, "train.max_steps=4", "train.save_every=2",
-                             "train.on_save_error=continue"))
-  save = trainer.ckpt.save
-
-  def failing_at_the_end(step, **kw):
-    with file_size_limit() if step == 4 else contextlib.nullcontext():
-      return save(step, **kw)
-
-  monkeypatch.setattr(trainer.ckpt, "save", failing_at_the_end)
+  trainer = trainer_failing_at(4, out, data_dir, monkeypatch, "train.max_steps=4",
+                               "train.on_save_error=continue")
   with pytest.raises(CheckpointSaveError, match="saving step 4 to .*/4 failed: .*File too large"):
     trainer.run()
   ckpt = Checkpointer(os.path.join(out, "checkpoints"), read_only=True)

@@ -6,7 +6,11 @@ set's `vqa_eval.json` and stage-2 files also work). Answers go to `OUT/answers.j
 score to `OUT/scores.json`. Benchmarks default to the `vicuna_v1` template and greedy
 decoding, as the reference does; `synthetic_sq` runs the self-questioning protocol instead.
 `--task perplexity` computes the teacher-forced loss of a LLaVA-format training file.
-Every process answers its shard of the questions; the batch is split over all devices.
+`--task scienceqa` reads LLaVA's ScienceQA file (`llava_test_CQM-I.json`) as eval-suite does:
+each problem's question. Every process answers its shard of the questions; the batch is split
+over all devices. A question that cannot be asked (malformed record, repeated question, image
+missing, unreadable or outside `--images`) is skipped and counted in the result per reason,
+with the first ids; `--strict` stops at it instead, naming it.
 Answers are appended per batch, so a killed run given the same command again continues
 where it stopped; an `--out` holding another run's answers (other settings, questions or
 checkpoint) is refused. `sqllava-jax eval-suite` runs whole benchmark suites.
@@ -41,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_sampling_arguments(parser)  # synthetic_sq: temperature 0 means the protocol's sampling
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--limit", type=int, default=0, help="only the first N questions")
+  parser.add_argument("--prompt-suffix", default="",
+                      help="appended to each question on a new line unless it ends with it "
+                           "(the reference's answer-format line, e.g. ScienceQA's: see "
+                           "configs/eval/*.yaml)")
+  parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                      help="stop at the first question that cannot be asked (malformed, "
+                           "repeated, image missing, unreadable or outside --images) instead "
+                           "of skipping and counting it")
   parser.add_argument("--questions-per-image", type=int, default=1, help="synthetic_sq")
   parser.add_argument("--describe-tokens", type=int, default=256,
                       help="synthetic_sq: new tokens of the opening description")

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--judge-model", default=None, help="judge model, e.g. gpt-4-0613")
   parser.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                       help="environment variable holding the judge's API key")
+  parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                      help="stop at the first question that cannot be asked instead of "
+                           "skipping and counting it")
   parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
   parser.add_argument("--num-processes", type=int, help="number of processes")
@@ -54,6 +57,7 @@ def _options(args: argparse.Namespace):
                       model_id=args.model_id or os.path.basename(os.path.normpath(args.ckpt)),
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       only=tuple(args.only), judge=judge, progress=args.progress,
+                      strict=args.strict,
                       checkpoint=loading.checkpoint_identity(args.ckpt, args.step))
 
 

@@ -39,6 +39,12 @@ REASONS: Mapping[str, str] = {
                        "shorten the text before <image>",
     "nothing_to_train": "no answer token survives truncation; raise data.max_length or "
                         "shorten the record",
+    # Question files (`eval`, `eval-suite`, `ask`).
+    "malformed_question": "each question needs a string or integer 'question_id', a non-empty "
+                          "'text' and, when it has one, a non-empty 'image' path (LLaVA's eval "
+                          "layout)",
+    "duplicate_question": "the same question (id, text and image) appears earlier in the file; "
+                          "remove the repeat",
 }
 
 

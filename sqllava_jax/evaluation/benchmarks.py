@@ -15,14 +15,12 @@ the question already ends with it, so both kinds of file give the reference's pr
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Literal, Optional
 
 from sqllava_jax import configlib
 from sqllava_jax.evaluation import mmbench
 from sqllava_jax.evaluation.questions import load_questions
-from sqllava_jax.evaluation.records import load_json_or_jsonl
 from sqllava_jax.evaluation.sampling import Sampling
 
 QuestionFormat = Literal["llava_jsonl", "scienceqa_json", "mmbench_tsv"]
@@ -141,39 +139,26 @@ def with_suffix(text: str, suffix: str) -> str:
   return f"{text}\n{suffix}"
 
 
-def _scienceqa_questions(path: str) -> list[dict]:
-  """LLaVA's llava_test_CQM-A.json: the first human turn, `<image>` taken out, and as the
-  recorded prompt the same with `<image>\\n` in front where the problem has an image
-  (llava/eval/model_vqa_science.py)."""
-  data = load_json_or_jsonl(path)
-  out = []
-  for i, record in enumerate(data):
-    try:
-      text = record["conversations"][0]["value"].replace("<image>", "").strip()
-    except (KeyError, IndexError, TypeError):
-      raise ValueError(f"{path}: record {i} has no conversations[0].value (LLaVA's ScienceQA "
-                       f"layout): {json.dumps(record)[:200]}") from None
-    q = {"question_id": record["id"], "text": text, "prompt": text}
-    if record.get("image"):
-      q.update(image=record["image"], prompt=f"<image>\n{text}")
-    out.append(q)
-  return out
-
-
 def read_questions(bench: Benchmark, path: str) -> list[dict]:
   """The benchmark's questions, filtered to `image_prefix` and ending with the suffix."""
   if bench.question_format == "mmbench_tsv":
     questions = mmbench.load_questions(path)
-  elif bench.question_format == "scienceqa_json":
-    questions = _scienceqa_questions(path)
+  elif bench.question_format == "scienceqa_json":  # llava/eval/model_vqa_science.py
+    questions = load_questions(path, scienceqa=True)
   else:
     questions = load_questions(path)
   if bench.image_prefix:
     questions = [q for q in questions if str(q.get("image", "")).startswith(bench.image_prefix)]
     if not questions:
       raise ValueError(f"{path}: no question has an image under {bench.image_prefix!r}")
+  return add_suffix(questions, bench.prompt_suffix)
+
+
+def add_suffix(questions: list[dict], suffix: str) -> list[dict]:
+  """`with_suffix` on each question's text and recorded prompt (malformed records, which
+  `run_eval` skips and counts, stay as they are)."""
   for q in questions:
-    q["text"] = with_suffix(q["text"], bench.prompt_suffix)
-    if "prompt" in q:
-      q["prompt"] = with_suffix(q["prompt"], bench.prompt_suffix)
+    for key in ("text", "prompt"):
+      if isinstance(q.get(key), str):
+        q[key] = with_suffix(q[key], suffix)
   return questions

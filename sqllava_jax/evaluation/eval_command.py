@@ -12,9 +12,10 @@ import jax
 from sqllava_jax.config import replace
 from sqllava_jax.evaluation import data_parallel as dp
 from sqllava_jax.evaluation import loading
+from sqllava_jax.evaluation.benchmarks import add_suffix
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
-from sqllava_jax.evaluation.questions import load_questions
+from sqllava_jax.evaluation.questions import load_questions, skip_report
 from sqllava_jax.evaluation.sampling import SELF_QUESTION, Sampling
 from sqllava_jax.evaluation.self_questioning import Protocol
 from sqllava_jax.evaluation.tasks import SELF_ANNOTATED, score
@@ -33,7 +34,8 @@ def settings_from_args(args: argparse.Namespace, cfg) -> EvalSettings:
                       model_id=args.model_id or os.path.basename(os.path.normpath(args.ckpt)),
                       aspect_ratio=cfg.data.image_aspect_ratio, self_questioning=sq,
                       questions_per_image=args.questions_per_image, protocol=protocol,
-                      checkpoint=loading.checkpoint_identity(args.ckpt, args.step))
+                      checkpoint=loading.checkpoint_identity(args.ckpt, args.step),
+                      strict=args.strict)
 
 
 def score_answers(task: str, answers_path: str, annotations: Optional[str],
@@ -47,21 +49,31 @@ def score_answers(task: str, answers_path: str, annotations: Optional[str],
   return score(task, answers_path, annotations)
 
 
-def generation_eval(args: argparse.Namespace) -> Optional[dict]:
-  questions = load_questions(args.data)
+def read_questions(args: argparse.Namespace) -> list[dict]:
+  """The question file (ScienceQA's problems for `--task scienceqa`, as eval-suite reads
+  them), cut to `--limit`, `--prompt-suffix` after each question."""
+  questions = load_questions(args.data, scienceqa=args.task == "scienceqa")
   questions = questions[:args.limit] if args.limit else questions
+  return add_suffix(questions, args.prompt_suffix)
+
+
+def generation_eval(args: argparse.Namespace) -> Optional[dict]:
+  questions = read_questions(args)
   model, cfg, tokenizer = loading.load_from_args(args)
   engine = Engine(model, tokenizer, mesh=dp.eval_mesh_if_parallel())
   settings = settings_from_args(args, cfg)
   start = time.perf_counter()
-  done = run_eval(engine, questions, settings, args.out, progress=args.progress)
+  done = run_eval(engine, questions, settings, args.out, progress=args.progress,
+                  question_file=args.data)
   if done is None:
     return None
   seconds = time.perf_counter() - start
   answers_path, skipped = done
-  result = score_answers(args.task, answers_path, args.annotations, questions)
+  dropped = {s["index"] for s in skipped}
+  asked = [q for i, q in enumerate(questions) if i not in dropped]
+  result = score_answers(args.task, answers_path, args.annotations, asked)
   result.update({"answers": answers_path, "num_items": len(questions),
-                 "skipped_images": len(skipped), "seconds": round(seconds, 2),
+                 **skip_report(skipped, len(asked)), "seconds": round(seconds, 2),
                  "examples_per_second": round(len(questions) / seconds, 3)})
   return result
 

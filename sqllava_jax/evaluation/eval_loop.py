@@ -6,8 +6,19 @@ its log `answers.{i}-of-{n}.jsonl` after every batch (`answer_log`); process 0 t
 them, in question order, into `answers.jsonl` (the LLaVA answers layout: question_id, prompt,
 text, answer_id, model_id). A rerun into the same folder asks only the questions no log
 holds yet. All processes run the same number of equally shaped batches (short shards pad
-with repeats of a real question, whose answers are dropped), as the collectives inside
-require.
+with inactive rows, whose answers are dropped), as the collectives inside require.
+
+The batches are fixed by the question file: global batch b holds questions
+[b * batch_size, (b + 1) * batch_size), each in the same row every time, with seed
+`seed + b`. A rerun runs only the batches that still hold an unanswered question, answered
+questions turned into inactive rows in place; so a sampled run (self-questioning) that was
+killed and continued draws what an uninterrupted one draws (a row's draw depends on the
+batch's key, its row and its own logits, not on the other rows).
+
+Questions that cannot be asked are skipped and counted, never a crash midway: malformed and
+repeated records (`questions.screen`, before anything runs) and unreadable images (as each
+batch loads, logged so that a rerun does not try them again). With `strict` the first one
+stops the run with the `BadRecord` naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from sqllava_jax.evaluation import data_parallel as dp
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.outputs import write_jsonl
 from sqllava_jax.evaluation.prompts import load_image, load_inline_image, question_prompt
+from sqllava_jax.evaluation.questions import screen, skip_entry
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.evaluation.self_questioning import Protocol, self_question
 
@@ -39,7 +51,8 @@ ANSWERS = "answers.jsonl"
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
   """batch_size is global (all processes); `self_questioning` runs the protocol instead of
-  answering (`synthetic_sq`), asking `questions_per_image` questions per image."""
+  answering (`synthetic_sq`, `ask`), asking `questions_per_image` questions per image (and,
+  with `answer_questions`, answering each); `strict` stops at the first bad question."""
   images_dir: str = ""
   template: str = "vicuna_v1"
   batch_size: int = 8
@@ -53,6 +66,8 @@ class EvalSettings:
   protocol: Protocol = Protocol()
   checkpoint: str = ""  # which weights answer (`loading.checkpoint_identity`): a rerun
   # into the same folder with other weights must not continue this run's answers
+  answer_questions: bool = False
+  strict: bool = False
 
 
 def answer_id(model_id: str, question_id, k: int = 0) -> str:
@@ -85,9 +100,11 @@ def _answers(engine: Engine, batch: Sequence[dict], pixels, settings: EvalSettin
   """Per question of the batch, its answer records (one, or one per asked question)."""
   if settings.self_questioning:
     asked = self_question(engine, pixels, n=settings.questions_per_image,
-                          protocol=settings.protocol, seed=seed)
+                          protocol=settings.protocol, answer=settings.answer_questions,
+                          seed=seed)
     return [[{"question_id": f"{q['question_id']}#{k}", "source_id": q["question_id"],
-              "prompt": q["text"], "text": text, "description": r.description}
+              "prompt": q["text"], "text": text, "description": r.description,
+              **({"answer": r.answers[k]} if r.answers is not None else {})}
              for k, text in enumerate(r.questions)] for q, r in zip(batch, asked)]
   prompts = [question_prompt(q["text"], template=settings.template, image=p is not None)
              for q, p in zip(batch, pixels)]
@@ -99,25 +116,44 @@ def _answers(engine: Engine, batch: Sequence[dict], pixels, settings: EvalSettin
             "text": c.text}] for q, c in zip(batch, done)]
 
 
+PAD_QUESTION = {"question_id": None, "text": "-"}
+
+
 def _load_batch(items: list[tuple[int, dict]], size: int, images: Callable,
-                blank: Optional[np.ndarray]) -> tuple[list, list, list[bool], list[dict]]:
-  """(questions, pixels, active, skipped) padded to `size` rows with inactive blank rows
-  (`blank` pixels); an unreadable image turns its row into padding and is listed in
-  `skipped` (with the question's `index`)."""
+                blank: Optional[np.ndarray], done: Collection[int], strict: bool
+                ) -> tuple[list, list, list[bool], list[dict]]:
+  """(questions, pixels, active, skipped) of one batch, `size` rows in place: a question in
+  `done`, one whose image cannot be read (listed in `skipped` with its `index`, or raised
+  when `strict`) and the rows past the shard's end are inactive (`blank` pixels)."""
   rows, pixels, active, skipped = [], [], [], []
   for index, q in items:
-    try:
-      pixels.append(images(q))
-      rows.append((index, q))
-      active.append(True)
-    except BadRecord as e:
-      skipped.append({"index": index, "question_id": q["question_id"], "reason": e.reason,
-                      "message": str(e)})
+    image, ok = blank, index not in done
+    if ok:
+      try:
+        image = images(q)
+      except BadRecord as e:
+        e = e.with_context(record_id=str(q["question_id"]), index=index)
+        if strict:
+          raise e from None
+        skipped.append(skip_entry(index, q["question_id"], e))
+        image, ok = blank, False
+    rows.append((index, q) if ok else (-1, PAD_QUESTION))
+    pixels.append(image)
+    active.append(ok)
   while len(rows) < size:
-    rows.append((-1, {"question_id": None, "text": "-"}))
+    rows.append((-1, PAD_QUESTION))
     pixels.append(blank)
     active.append(False)
   return rows, pixels, active, skipped
+
+
+def pending_batches(num_questions: int, batch_size: int, done: Collection[int]) -> list[int]:
+  """The global batches (every process runs them together) that hold a question not in
+  `done`."""
+  steps = -(-num_questions // batch_size)
+  return [b for b in range(steps)
+          if any(i not in done for i in range(b * batch_size,
+                                               min((b + 1) * batch_size, num_questions)))]
 
 
 def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettings, *,
@@ -132,8 +168,10 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
     raise ValueError(f"batch size {settings.batch_size} is not divisible by the "
                      f"{process_count} processes; choose a multiple of {process_count}")
   local = settings.batch_size // process_count
-  todo = [(i, q) for i, q in enumerate(questions) if i not in done]
-  shard = dp.process_shard(todo, process_index, process_count)
+  done = set(done)
+  # Global batch b is rows [b * local, (b + 1) * local) of every process's shard.
+  shard = dp.process_shard(list(enumerate(questions)), process_index, process_count)
+  steps = pending_batches(len(questions), settings.batch_size, done)
   images = _Images(engine, settings)
   # Every batch passes pixels when any question has an image, so that all processes (and
   # all batches) run the same program.
@@ -143,17 +181,18 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
     blank = np.zeros((engine.image_size, engine.image_size, 3), np.float32)
   records, skipped = [], []
   # Process 0 shows the whole run's progress: its own rows times the process count.
-  bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="ex", desc=desc,
+  todo = sum(i not in done for i in range(len(questions)))
+  bar = tqdm(total=len(questions), initial=len(questions) - todo, unit="ex", desc=desc,
              smoothing=0.1, disable=not progress or process_index != 0)
-  steps = dp.num_batches(len(todo), process_count, local) if todo else 0
-  load = lambda b: _load_batch(shard[b * local:(b + 1) * local], local, images, blank)
+  load = lambda b: _load_batch(shard[b * local:(b + 1) * local], local, images, blank, done,
+                               settings.strict)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     # The next batch's images load while the device answers this one.
-    pending = pool.submit(load, 0) if steps else None
-    for b in range(steps):
+    pending = pool.submit(load, steps[0]) if steps else None
+    for k, b in enumerate(steps):
       rows, pixels, active, batch_skipped = pending.result()
-      if b + 1 < steps:
-        pending = pool.submit(load, b + 1)
+      if k + 1 < len(steps):
+        pending = pool.submit(load, steps[k + 1])
       answers = _answers(engine, [q for _, q in rows], pixels, settings, settings.seed + b,
                          with_pixels)
       lines = []
@@ -165,7 +204,7 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
       lines += [{"index": s["index"], "skipped": _unindexed(s)} for s in batch_skipped]
       if on_batch is not None:
         on_batch(lines)
-      bar.update(min(local, max(0, len(shard) - b * local)) * process_count)
+      bar.update(sum(a for a in active) * process_count)
   bar.close()
   return records, [_unindexed(s) for s in skipped]
 
@@ -204,25 +243,32 @@ def merge_shards(out_dir: str, count: int, model_id: str) -> str:
 def run_fingerprint(settings: EvalSettings, questions: Sequence[dict], process_count: int
                     ) -> dict:
   """What must not change between a run and its continuation (the batch size may)."""
-  fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+  fields = {k: v for k, v in dataclasses.asdict(settings).items()
+            if k not in ("batch_size", "strict")}
   return {"settings": fields, "process_count": process_count,
           "num_questions": len(questions), "questions": answer_log.questions_digest(questions)}
 
 
 def run_eval(engine: Engine, questions: Sequence[dict], settings: EvalSettings, out_dir: str, *,
-             progress: bool = True, desc: str = "eval") -> Optional[tuple[str, list[dict]]]:
+             progress: bool = True, desc: str = "eval", question_file: Optional[str] = None
+             ) -> Optional[tuple[str, list[dict]]]:
   """Answers `questions` on every process, continuing a run that `out_dir` already holds;
-  returns (merged answers path, skipped questions) on process 0 and None elsewhere."""
+  returns (merged answers path, skipped questions: `{"index", "question_id", "reason",
+  "message"}` in file order) on process 0 and None elsewhere. `question_file` names the
+  file in the errors of a strict run."""
   index, count = jax.process_index(), jax.process_count()
+  rejected = screen(questions, file=question_file, strict=settings.strict)
   answer_log.claim(out_dir, run_fingerprint(settings, questions, count), write=index == 0)
   logged = answer_log.read_logs(out_dir, count)
   dp.barrier("eval-logs-read")  # every process sees the same done set before any appends
+  done = answer_log.done_indices(logged) | {s["index"] for s in rejected}
   with answer_log.AnswerLog(out_dir, index, count) as log:
     answer_shard(engine, questions, settings, process_index=index, process_count=count,
-                 progress=progress, done=answer_log.done_indices(logged), on_batch=log.append,
-                 desc=desc)
+                 progress=progress, done=done, on_batch=log.append, desc=desc)
   dp.barrier("eval-answers-written")
   if index != 0:
     return None
-  skipped = [r["skipped"] for r in answer_log.read_logs(out_dir, count) if "skipped" in r]
+  unreadable = [{"index": r["index"], **r["skipped"]}
+                for r in answer_log.read_logs(out_dir, count) if "skipped" in r]
+  skipped = sorted(rejected + unreadable, key=lambda s: s["index"])
   return merge_shards(out_dir, count, settings.model_id), skipped

@@ -31,6 +31,7 @@ from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
 from sqllava_jax.evaluation.judge import Judge, JudgeConfig, JudgeError
 from sqllava_jax.evaluation.outputs import write_json, write_text
 from sqllava_jax.evaluation.pope import pope_annotations
+from sqllava_jax.evaluation.questions import skip_report
 from sqllava_jax.evaluation.tasks import score
 
 JUDGE_CACHE = "judge_cache.jsonl"
@@ -49,6 +50,7 @@ class SuiteOptions:
   judge: Optional[JudgeConfig] = None
   progress: bool = True
   checkpoint: str = ""  # the weights' identity (`loading.checkpoint_identity`)
+  strict: bool = False  # a question that cannot be asked stops the run (else: skipped, counted)
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class Outcome:
   result: dict = dataclasses.field(default_factory=dict)
   num_questions: int = 0
   seconds: float = 0.0
+  skipped: dict = dataclasses.field(default_factory=dict)  # `questions.skip_report`
 
 
 def _headline(result: dict, key: str, scale: float) -> Optional[float]:
@@ -95,7 +98,7 @@ class _Run:
                         template=bench.decoding.template, batch_size=self.options.batch_size,
                         max_new_tokens=budget, sampling=bench.decoding.sampling,
                         model_id=self.options.model_id, aspect_ratio=self.aspect_ratio,
-                        checkpoint=self.options.checkpoint)
+                        checkpoint=self.options.checkpoint, strict=self.options.strict)
 
   def annotations(self, bench: Benchmark, question_file: str) -> Optional[Any]:
     """The scorer's ground truth, or None when its file is absent."""
@@ -123,14 +126,15 @@ class _Run:
     start = time.perf_counter()
     out_dir = os.path.join(self.options.out_dir, bench.name)
     done = run_eval(self.engine, questions, self.settings(bench), out_dir,
-                    progress=self.options.progress, desc=bench.name)
+                    progress=self.options.progress, desc=bench.name, question_file=question_file)
     if done is None:  # not process 0: it only answers
       return None
     answers, skipped = done
     outcome.files["answers"] = answers
     outcome.num_questions = len(questions)
+    outcome.skipped = skip_report(skipped, len(questions) - len(skipped))
     if skipped:
-      outcome.note = f"{len(skipped)} questions skipped for unreadable images. "
+      outcome.note = f"{outcome.skipped['skip_summary']}. "
     try:
       self._score(bench, outcome, answers, questions, question_file)
       if bench.submission:

@@ -26,7 +26,7 @@ def prompts():
   return [[1] + rng.integers(3, 128, size=n - 1).tolist() for n in LENGTHS]
 
 
-def hf_greedy(hf, prompts, eos_id):
+def hf_greedy(hf, prompts, eos_id, max_new_tokens=NEW):
   """transformers' greedy `generate` with left padding and an attention mask."""
   t = max(len(p) for p in prompts)
   ids = np.zeros((len(prompts), t), np.int64)
@@ -35,7 +35,8 @@ def hf_greedy(hf, prompts, eos_id):
     ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
   with torch.no_grad():
     out = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                      max_new_tokens=NEW, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
+                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
+                      pad_token_id=0)
   new = out[:, t:].numpy()
   rows = []
   for r in new:

@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)
     load_suite(args.suite)  # a broken suite fails before the model loads
     model, cfg = loading.load_for_inference(args.ckpt, step=args.step, overrides=args.override,
-                                            merge_lora=args.merge_lora)
+                                            merge_lora=args.merge_lora, mesh=args.mesh)
     engine = Engine(model, loading.tokenizer_for(cfg, args.ckpt, args.tokenizer),
-                    mesh=dp.eval_mesh_if_parallel())
+                    **loading.engine_options(args, cfg, dp.eval_mesh_if_parallel()))
     report = suite.run_suite(engine, args.suite, options,
                              aspect_ratio=cfg.data.image_aspect_ratio)
   except ValueError as e:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 def answer_prompts(args: argparse.Namespace):
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer)
+  engine = Engine(model, tokenizer, **loading.engine_options(args, cfg))
   paths = images_per_prompt(args.image, len(args.prompt))
   cache = {p: load_image(p, size=engine.image_size, aspect_ratio=cfg.data.image_aspect_ratio)
            for p in set(paths) if p is not None}

@@ -60,7 +60,7 @@ def read_questions(args: argparse.Namespace) -> list[dict]:
 def generation_eval(args: argparse.Namespace) -> Optional[dict]:
   questions = read_questions(args)
   model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer, mesh=dp.eval_mesh_if_parallel())
+  engine = Engine(model, tokenizer, **loading.engine_options(args, cfg, dp.eval_mesh_if_parallel()))
   settings = settings_from_args(args, cfg)
   start = time.perf_counter()
   done = run_eval(engine, questions, settings, args.out, progress=args.progress,

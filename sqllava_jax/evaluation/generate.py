@@ -12,7 +12,8 @@ every row has stopped or after `max_new_tokens`. Prefill and the loop run in one
 so a request is one device call.
 
 `model` is a composite `SQLLaVA` (image placeholders in the ids are filled with image
-features from `pixel_values`) or a bare `Llama` (text only).
+features from `pixel_values`) or a bare `Llama` (text only). The device side (shardings and
+the jitted program) is `inference_program.InferenceProgram`; this module is the host side.
 """
 
 from __future__ import annotations
@@ -21,21 +22,15 @@ import dataclasses
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from sqllava_jax.evaluation import data_parallel
-from sqllava_jax.evaluation.sampling import GREEDY, Sampling, next_token
-from sqllava_jax.models.llama import KVCache, Llama
+from sqllava_jax.evaluation.inference_program import InferenceProgram, trace_count
+from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
 
-# How many times the generation program has been traced (tests assert it stays put).
-_TRACES = {"count": 0}
-
-
-def trace_count() -> int:
-  return _TRACES["count"]
+__all__ = ["Generated", "Generator", "bucket_length", "left_pad", "trace_count"]
 
 
 def bucket_length(n: int, *, min_length: int = 16, step: int = 128) -> int:
@@ -72,99 +67,28 @@ class Generated:
     return [int(t) for t in self.tokens[row, :self.num_new[row]]]
 
 
-def _parts(model: nnx.Module):
-  """(decoder, embed(ids, pixel_values) -> [B, T, D]) of a composite model or a bare Llama."""
-  if isinstance(model, SQLLaVA):
-    return model.llm, lambda ids, pixels: model.embed_inputs(ids, pixels)[0]
-  if isinstance(model, Llama):
-    return model, lambda ids, pixels: model.embed(ids)
-  raise TypeError(f"cannot generate with a {type(model).__name__}; pass an SQLLaVA or a Llama")
-
-
-def _prefill(llm: Llama, layers, embeds, mask, max_new_tokens: int):
-  """embeds [B, T, D], mask bool[B, T] -> (last-position logits [B, V], cache, lengths int[B])."""
-  b, t, _ = embeds.shape
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  cache = KVCache.init(llm.cfg, b, t + max_new_tokens, dtype=llm.dtype,
-                       per_layer=layers is not None)
-  hidden, cache = llm.decode(embeds, positions, cache=cache, token_valid=mask, layers=layers)
-  # Prompts are left-padded, so the last position is real in every row.
-  return llm.logits(hidden[:, -1:])[:, 0], cache, mask.sum(axis=1).astype(jnp.int32)
-
-
-def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
-                 max_new_tokens: int, greedy: bool, eos_id: jax.Array, pad_id: jax.Array):
-  """Feeds each new token back until every row has produced `eos_id` or the budget is spent.
-
-  first, lengths: int32[B]; eos_id, pad_id: int32 scalars (traced: no recompile per
-  tokenizer). Returns (tokens int32[B, N], num_new int32[B]).
-  """
-  b = first.shape[0]
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  done = first == eos_id
-  num_new = jnp.ones((b,), jnp.int32)
-
-  def cond(carry):
-    step, _, _, _, done, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    step, token, cache, out, done, num_new = carry
-    positions = (lengths + step - 1)[:, None]
-    hidden, cache = llm.decode(llm.embed(token[:, None]), positions, cache=cache, layers=layers)
-    logits = llm.logits(hidden)[:, 0]
-    token = next_token(logits, jax.random.fold_in(key, step), params, greedy=greedy)
-    token = jnp.where(done, pad_id, token)
-    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
-    num_new = num_new + (~done).astype(jnp.int32)
-    return step + 1, token, cache, out, done | (token == eos_id), num_new
-
-  carry = (jnp.int32(1), first, cache, out, done, num_new)
-  _, _, _, out, _, num_new = jax.lax.while_loop(cond, body, carry)
-  return out, num_new
-
-
-def _generate(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, params, *,
-              max_new_tokens: int, greedy: bool, eos_id: jax.Array, pad_id: jax.Array):
-  _TRACES["count"] += 1  # runs only while tracing
-  llm, embed = _parts(nnx.merge(graphdef, state))
-  layers = None if layer_states is None else [nnx.merge(layer_def, s) for s in layer_states]
-  logits, cache, lengths = _prefill(llm, layers, embed(ids, pixels), mask, max_new_tokens)
-  first = next_token(logits, jax.random.fold_in(key, 0), params, greedy=greedy)
-  return _decode_loop(llm, layers, cache, first, lengths, key, params,
-                      max_new_tokens=max_new_tokens, greedy=greedy, eos_id=eos_id, pad_id=pad_id)
-
-
-_generate_jit = jax.jit(_generate, static_argnums=(0, 2),
-                        static_argnames=("max_new_tokens", "greedy"))
-
-
 class Generator:
   """Generates from a snapshot of `model`'s weights (taken at construction).
 
-  With `mesh`, the weights are replicated over it and every batch is split along its
-  leading axis over the mesh's `data` and `fsdp` axes (data-parallel decoding); each process
-  then passes and gets back only its own rows.
+  With `mesh`, the weights are sharded over it by `rules` (training's logical axis rules;
+  default: `MeshConfig`'s) and every batch is split along its leading axis over the mesh
+  axes of logical `batch` (`data` and `fsdp`); each process then passes and gets back only
+  its own rows. Without one, everything runs on the default device.
 
-  `unstack_layers` (default) keeps a copy of the decoder layers' weights with one array per
-  layer, which decoding reads in place: twice as fast on a CPU, where slicing a layer out of
-  the stacked (scanned) weights copies it at every step. It costs the decoder layers' memory
-  once more; without it decoding scans the stacked layers.
+  `unstack_layers`: keep an unstacked copy of the decoder layers for decoding (None: on CPU
+  devices only, where it makes decoding about twice as fast for the layers' memory once
+  more; see `inference_program`).
   """
 
   def __init__(self, model: nnx.Module, *, eos_id: int, pad_id: int,
-               mesh: Optional[jax.sharding.Mesh] = None, min_bucket: int = 16,
-               bucket_step: int = 128, unstack_layers: bool = True):
-    llm, _ = _parts(model)  # fails early for a model we cannot generate with
-    self.graphdef, self.state = nnx.split(model)
-    self.layer_def, self.layer_states = llm.unstacked_layers() if unstack_layers else (None, None)
+               mesh: Optional[jax.sharding.Mesh] = None, rules=None, min_bucket: int = 16,
+               bucket_step: int = 128, unstack_layers: Optional[bool] = None):
+    self.program = InferenceProgram(model, mesh, rules, unstack_layers=unstack_layers)
+    self.state, self.layer_states = self.program.place(model)
     self.eos_id, self.pad_id = eos_id, pad_id
     self.cfg = model.cfg if isinstance(model, SQLLaVA) else None
     self.min_bucket, self.bucket_step = min_bucket, bucket_step
     self.mesh = mesh
-    if mesh is not None:
-      self.state, self.layer_states = jax.device_put((self.state, self.layer_states),
-                                                     data_parallel.replicated(mesh))
 
   def _check_ids(self, prompts, pixel_values) -> Optional[np.ndarray]:
     if self.cfg is None:
@@ -197,15 +121,11 @@ class Generator:
     if self.mesh is not None:  # every process must run the same program
       length = data_parallel.agree_max(length)
     ids, mask = left_pad(prompts, length, self.pad_id)
-    key = jax.random.key(seed)
-    inputs = (ids, pixels, mask)
-    if self.mesh is not None:
-      inputs = data_parallel.shard_batch(self.mesh, inputs)
-    tokens, num_new = _generate_jit(
-        self.graphdef, self.state, self.layer_def, self.layer_states, *inputs, key,
-        sampling.arrays(),
-        max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=jnp.int32(self.eos_id),
-        pad_id=jnp.int32(self.pad_id))
+    inputs = self.program.global_batch((ids, pixels, mask))
+    tokens, num_new = self.program.generate(
+        self.state, self.layer_states, *inputs, jax.random.key(seed), sampling.arrays(),
+        max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=self.eos_id,
+        pad_id=self.pad_id)
     if self.mesh is not None:
       tokens, num_new = data_parallel.local_rows(tokens), data_parallel.local_rows(num_new)
     return Generated(np.asarray(tokens), np.asarray(num_new))

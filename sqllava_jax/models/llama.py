@@ -12,7 +12,7 @@ over the cache slots hides padding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,18 @@ class KVCache:
     return isinstance(self.k, tuple)
 
 
+class LayerCache(NamedTuple):
+  """What one layer gets of the cache: the stacked k, v [L, B, K, S, H], its own index in
+  them, the first slot to write, and whether the cache held nothing before (a prefill: the
+  new tokens attend only to each other, through the training attention, and are then
+  written; no [T, S] scores over the whole cache)."""
+  k: jax.Array
+  v: jax.Array
+  layer: Any
+  index: jax.Array
+  fresh: bool = False
+
+
 def write_slots(stacked: jax.Array, new: jax.Array, layer, index) -> jax.Array:
   """stacked [L, B, K, S, H] with new [B, T, K, H] written at layer `layer`, slots
   index..index+T-1, in place (only the new slots are written)."""
@@ -104,9 +116,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, masking, cache_kv, rng):
     """x: [B, T, D]; positions: int[B, T]; masking: segment ids int[B, T] or None without a
-    cache, the cache mask [B, 1, T, S] with one; cache_kv: None, or (k, v, layer, index):
-    the stacked caches [L, B, K, S, H], this layer's index in them and the first slot to
-    write. Returns (out [B, T, D], the updated (k, v) or None)."""
+    cache or with a fresh one, the cache mask [B, 1, T, S] with any other; cache_kv: None or
+    a `LayerCache`. Returns (out [B, T, D], the updated (k, v) or None)."""
     b, t, _ = x.shape
     q = self.q_proj(x, fold_rng(rng, 0)).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x, fold_rng(rng, 1)).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -115,16 +126,17 @@ class Attention(nnx.Module):
     k = checkpoint_name(rotary(k, positions, self.theta), "key")
     v = checkpoint_name(v, "value")
     new_kv = None
-    if cache_kv is None:
+    if cache_kv is None or cache_kv.fresh:
       out = attention(q, k, v, impl=self.impl, segment_ids=masking, is_causal=True,
                       block_size=self.block_size)
-    else:
-      ck, cv, layer, index = cache_kv
-      ck, cv = write_slots(ck, k, layer, index), write_slots(cv, v, layer, index)
-      keys = L.shard_activation(ck[layer].astype(q.dtype), CACHE_AXES)
-      values = L.shard_activation(cv[layer].astype(q.dtype), CACHE_AXES)
-      out = cache_attention(q, keys, values, masking)
+    if cache_kv is not None:
+      c = cache_kv
+      ck, cv = write_slots(c.k, k, c.layer, c.index), write_slots(c.v, v, c.layer, c.index)
       new_kv = (ck, cv)
+    if cache_kv is not None and not cache_kv.fresh:
+      keys = L.shard_activation(ck[c.layer].astype(q.dtype), CACHE_AXES)
+      values = L.shard_activation(cv[c.layer].astype(q.dtype), CACHE_AXES)
+      out = cache_attention(q, keys, values, masking)
     out = L.shard_activation(out, ("batch", "length", "heads", None))
     return self.o_proj(out.reshape(b, t, -1), fold_rng(rng, 3)), new_kv
 
@@ -198,13 +210,16 @@ class Llama(nnx.Module):
 
   def decode(self, x: jax.Array, positions: jax.Array, *, segment_ids: Optional[jax.Array] = None,
              cache: Optional[KVCache] = None, token_valid: Optional[jax.Array] = None,
-             rng: Optional[jax.Array] = None,
-             layers: Optional[Sequence[nnx.Module]] = None) -> tuple[jax.Array, Optional[KVCache]]:
+             rng: Optional[jax.Array] = None, layers: Optional[Sequence[nnx.Module]] = None,
+             fresh_cache: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
     """Runs the layers and the final norm. x: [B, T, D]; positions: int[B, T].
 
     Without `cache`: causal self-attention (within segments if `segment_ids` [B, T]).
     With `cache`: writes T new slots at `cache.index`; `token_valid` bool[B, T] says which
     of the new tokens are real (left padding is not). Returns (hidden [B, T, D], cache).
+    `fresh_cache`: the cache holds nothing yet and `cache.index` is 0 (a prefill): the new
+    tokens attend causally among themselves, padding apart, with the model's attention
+    implementation (blocked or a fused kernel: no [T, S] scores), then fill the cache.
     `layers` (with a per-layer cache): the decoder layers as separate modules, run one
     after another instead of scanned. A scan slices each layer's weights out of the stacked
     arrays, which the CPU does with a copy: every decode step would write all the weights
@@ -225,13 +240,16 @@ class Llama(nnx.Module):
     t = x.shape[1]
     new_valid = jnp.ones(x.shape[:2], bool) if token_valid is None else token_valid
     valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
-    mask = cache_mask(valid, cache.index, t)
+    if fresh_cache:  # padding is segment 0, the prompt segment 1
+      mask = new_valid.astype(jnp.int32)
+    else:
+      mask = cache_mask(valid, cache.index, t)
     if (layers is not None) != cache.per_layer:
       raise ValueError("a per-layer KV cache goes with unstacked layers: pass both "
                        "layers=model.unstacked_layers() and KVCache.init(per_layer=True), "
                        "or neither")
     if layers is not None:
-      x, k, v = _run_unstacked(layers, x, positions, mask, cache, rngs)
+      x, k, v = _run_unstacked(layers, x, positions, mask, cache, rngs, fresh_cache)
       return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 
     def body_cached(layer, carry, inputs):
@@ -239,7 +257,8 @@ class Llama(nnx.Module):
       # scanned inputs and outputs it would be held twice and copied whole at every step.
       h, ck, cv = carry
       layer_rng, i = inputs
-      h, (ck, cv) = layer(h, positions, mask, (ck, cv, i, cache.index), layer_rng)
+      h, (ck, cv) = layer(h, positions, mask, LayerCache(ck, cv, i, cache.index, fresh_cache),
+                          layer_rng)
       return (h, ck, cv), None
 
     (x, k, v), _ = L.scan_layers(self.layers, body_cached, (x, cache.k, cache.v),
@@ -261,7 +280,7 @@ class Llama(nnx.Module):
     return self.logits(hidden), cache
 
 
-def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs):
+def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs, fresh: bool):
   """The decoder layers in turn, each with its own cache arrays [B, K, S, H] (seen by the
   layer as a stack of one, a free reshape; updated in place)."""
   if len(cache.k) != len(layers):
@@ -270,8 +289,8 @@ def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs):
   ks, vs = [], []
   for i, layer in enumerate(layers):
     layer_rng = None if rngs is None else rngs[i]
-    x, (k, v) = layer(x, positions, mask, (cache.k[i][None], cache.v[i][None], 0, cache.index),
-                      layer_rng)
+    slot = LayerCache(cache.k[i][None], cache.v[i][None], 0, cache.index, fresh)
+    x, (k, v) = layer(x, positions, mask, slot, layer_rng)
     ks.append(k[0])
     vs.append(v[0])
   return x, tuple(ks), tuple(vs)

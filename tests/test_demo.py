@@ -2,8 +2,10 @@
 
 The smoke test runs `sqllava-jax demo --fast` in a fresh process from a folder outside the
 repository, so the packaged stage configs, the one-JSON-line stdout contract and every file
-the README promises (report, loss curves, Hugging Face exports) are checked as a user sees
-them. What the full demo learns is measured by the demo itself (its report), not here.
+the README promises (report, figures, Hugging Face exports) are checked as a user sees
+them. `--fast` trains its own (narrower) stage 0 and writes it as a base folder; a second
+run starts from that base with `--base`, as the default demo starts from the shipped one.
+What the full demo learns is measured by the demo itself (its report), not here.
 """
 
 from __future__ import annotations
@@ -29,16 +31,25 @@ def _last_loss(stage_dir) -> float:
     return [json.loads(line) for line in f if line.strip()][-1]["loss"]
 
 
-@pytest.fixture(scope="module")
-def fast_demo(tmp_path_factory):
-  cwd = tmp_path_factory.mktemp("elsewhere")
-  out = cwd / "demo"
+def _demo(cwd, out, *flags):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-m", "sqllava_jax.cli", "demo", "--out", str(out),
-                         "--fast"], cwd=cwd, env=env, capture_output=True, text=True,
+                         "--fast", *flags], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return out, proc
+
+
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory):
+  cwd = tmp_path_factory.mktemp("elsewhere")
+  return _demo(cwd, cwd / "demo")
+
+
+@pytest.fixture(scope="module")
+def fast_demo_on_base(fast_demo):
+  out, _ = fast_demo
+  return _demo(out.parent, out.parent / "on-base", "--base", str(out / "base"))
 
 
 def test_fast_demo_prints_one_json_line(fast_demo):
@@ -61,17 +72,17 @@ def test_fast_demo_writes_report_curves_and_exports(fast_demo):
   report = (out / "report.md").read_text()
   for needle in ("stage 0", "stage 1", "stage 2", "chance", "synthetic_vqa", "synthetic_sq",
                  "Timings", str(out / "export"), "parameter groups (muon)",
-                 "parameter groups (adamw)"):
+                 "parameter groups (adamw)", f"written as a base folder to `{out / 'base'}`"):
     assert needle in report, needle
   lines = report.splitlines()
   start = lines.index("| question (sampled) | answer (greedy) | valid question | correct answer |")
   end = lines.index("", start)
   asked = lines[start + 2:end]  # after the header and its |---| rule
   assert len(asked) == 3 and all(l.startswith("| ") for l in asked), lines[start:end]
-  for stage in configs.STAGES:
-    png = out / stage / "loss.png"
-    assert png.read_bytes()[:8] == PNG_MAGIC, png
-    assert f"({stage}/loss.png)" in report
+  for name in ("asked", "answers", "loss"):
+    assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC, name
+    assert f"(figures/{name}.png)" in report
+  assert "data:image/png;base64," in (out / "report.html").read_text()
   for fmt in run.EXPORT_FORMATS:
     config = json.loads((out / "export" / fmt / "config.json").read_text())
     assert config["architectures"] == [{"llama": "LlamaForCausalLM",
@@ -146,16 +157,43 @@ def test_output_folder_is_replaced_only_when_it_is_a_demo_run(tmp_path):
   assert not (ours / "stale").exists() and (ours / run.MARKER).is_file()
 
 
-def test_report_keeps_model_output_on_one_table_row():
-  from sqllava_jax.demo import report
-  turn = {"question": "What\n|col\x0bor\x00?", "answer": "re|d\u2028", "valid": False,
-          "correct": False, "gold": None}
-  lines = report._ask_section({"image": "x.png", "scene": "s", "description": "one\nshape",
-                               "turns": [turn]})
-  rows = "\n".join(lines).splitlines()
-  assert rows[rows.index("|---|---|---|---|") + 1] == (
-      "| What\\n\\|col\\x0bor\\x00? | re\\|d\\u2028 | no | no |")
-  assert "Description (greedy): one\\nshape" in rows
+def test_fast_demo_writes_its_stage0_as_a_base(fast_demo):
+  from sqllava_jax.demo import base
+  out, _ = fast_demo
+  cfg = configs.stage_config("stage0", str(out), fast=True)
+  recipe = base.check(str(out / "base"), cfg)  # the checksums and the fields that matter
+  assert recipe["made_by"] == "sqllava-jax demo --from-scratch --fast"
+  assert recipe["stage0_config"] == base.recipe_config(cfg)
+  assert recipe["loss"] == base.thin_curve(_records(out / "stage0"))
+  p0, _ = _params(out / "stage0")
+  from safetensors.numpy import load_file
+  shipped = load_file(str(out / "base" / base.PARAMS))
+  assert sorted(shipped) == sorted(p0)
+  for k, v in shipped.items():
+    np.testing.assert_array_equal(v, p0[k], err_msg=k)
+
+
+def _records(stage_dir):
+  from sqllava_jax.demo.stages import loss_record
+  return loss_record(str(stage_dir))
+
+
+def test_fast_demo_on_a_base_trains_stages_1_and_2_on_it(fast_demo, fast_demo_on_base):
+  from safetensors.numpy import load_file
+  from sqllava_jax.demo import base
+  made, _ = fast_demo
+  out, proc = fast_demo_on_base
+  assert json.loads(proc.stdout)["export_dir"] == str(out / "export")
+  assert not (out / "stage0" / "metrics.jsonl").exists()  # stage 0 did not train
+  report = (out / "report.md").read_text()
+  assert f"**not trained in this run**: the stage-0 base in `{made / 'base'}`" in report
+  shipped = load_file(str(made / "base" / base.PARAMS))
+  p2, c2 = _params(out / "stage2")
+  assert c2.data.tokenizer == str(out / "stage0" / "tokenizer.model")
+  for k, v in shipped.items():  # frozen in stages 1 and 2: the base's weights, bit for bit
+    if k.startswith(("llm/", "vision/")):
+      np.testing.assert_array_equal(p2[k], v, err_msg=k)
+  assert any(k.startswith("llm/") and "lora" in k for k in p2)
 
 
 def test_a_stage_stopped_by_sigterm_stops_the_demo(monkeypatch, capsys):
@@ -179,7 +217,8 @@ def test_a_stage_stopped_by_sigterm_stops_the_demo(monkeypatch, capsys):
 
   monkeypatch.setattr(run, "run_demo", interrupted)
   args = demo_command.argparse.Namespace(out="demo-out", fast=True, overwrite=False,
-                                         sq_images=None, vqa_limit=None, seed=0, overrides=[])
+                                         sq_images=None, vqa_limit=None, seed=0, overrides=[],
+                                         from_scratch=False, base=None)
   assert demo_command.run(args) == 143
   captured = capsys.readouterr()
   assert captured.out == "" and "stopped at step 3 of 9" in captured.err

@@ -71,7 +71,20 @@ def answer_accuracy(engine: Engine, cfg, data_dir: str, out_dir: str, plan: Eval
                           aspect_ratio=cfg.data.image_aspect_ratio)
   answers, _ = run_eval(engine, questions, settings, out_dir)
   result = score("synthetic_vqa", answers, questions)
-  return {**result, **baselines(questions), "answers": answers}
+  return {**result, **baselines(questions), "answers": answers,
+          "examples": answer_examples(answers, questions, paths.image_folder)}
+
+
+def answer_examples(answers: str, questions: list[dict], images_dir: str) -> list[dict]:
+  """Each answered question in question order: its image's path, the question, the model's
+  answer, the gold answer and whether they match (as `synthetic_vqa` scores)."""
+  from sqllava_jax.evaluation.records import as_answer_records
+  said = {r["question_id"]: r["text"] for r in as_answer_records(answers, "synthetic_vqa")}
+  return [{"image": resolve_image_path(images_dir, q["image"]), "question": q["text"],
+           "answer": said[q["question_id"]], "gold": q["answer"],
+           "question_type": q["question_type"],
+           "correct": synthetic.is_correct(said[q["question_id"]], q["answer"])}
+          for q in questions if q["question_id"] in said]
 
 
 def baselines(questions: list[dict]) -> dict:

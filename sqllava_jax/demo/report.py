@@ -1,4 +1,10 @@
-"""`report.md` in the demo's output folder, and the one-line JSON summary."""
+"""The demo's report, `report.md` with its figures in `figures/` and the same as one
+self-contained `report.html`, and the one-line JSON summary.
+
+It opens with what a newcomer wants to see: a held-out image beside the three questions the
+model asked about it and its answers, then a grid of held-out images with the model's
+answers marked right or wrong, the scores against chance, the loss curves and the details.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import shlex
 from typing import Mapping, Sequence
 
 from sqllava_jax.data import synthetic
+from sqllava_jax.demo import document as doc
+from sqllava_jax.demo import figures
 
 STAGE_TITLES = {
     "stage0": ("stage 0, vision tower + projector + LLM from scratch (vicuna_v1 Q&A, a quarter "
@@ -14,21 +22,23 @@ STAGE_TITLES = {
     "stage1": "stage 1, alignment: projector + ViT-LoRA on captions (plain)",
     "stage2": "stage 2, instruction tuning: LLM-LoRA + projector + ViT-LoRA (v1_sq, sq_r 0.5)",
 }
+CURVE_TITLES = {"stage0": "stage 0: vision tower + projector + LLM",
+                "stage1": "stage 1: alignment", "stage2": "stage 2: instruction tuning"}
+FIGURES = "figures"
+# The grid: the first held-out questions, with the first wrong answers among them.
+GRID_SIZE, GRID_WRONG = 12, 4
 
 
 def _num(x, digits: int = 4) -> str:
   return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _text(text: str) -> str:
-  """Model output, safe inside one Markdown line or table cell: control and line-break
-  characters (a half-trained model emits byte pieces) as escapes, `|` escaped."""
-  out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-  return out.replace("|", "\\|")
-
-
 def _count(n: int) -> str:
   return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _yes(ok: bool) -> str:
+  return f"{figures.RIGHT_MARK} yes" if ok else f"{figures.WRONG_MARK} no"
 
 
 def summary_line(stages: Mapping, results: Mapping, out: str, timings) -> dict:
@@ -42,108 +52,184 @@ def summary_line(stages: Mapping, results: Mapping, out: str, timings) -> dict:
           "report": os.path.join(out, "report.md")}
 
 
-def _header(summary: Mapping, argv: Sequence[str], timings, fast: bool) -> list[str]:
+def _header(summary: Mapping, argv: Sequence[str], timings, fast: bool) -> list[doc.Block]:
   total, cpus = timings.total(), os.cpu_count() or 1
   share = total.cpu_s / max(total.wall_s * cpus, 1e-9)
-  lines = ["# sqllava-jax demo", "",
-           f"Command: `{shlex.join(['sqllava-jax', 'demo', *argv])}`", ""]
+  blocks: list[doc.Block] = [
+      doc.Heading("sqllava-jax demo", 1),
+      doc.Text(f"Command: `{shlex.join(['sqllava-jax', 'demo', *argv])}`")]
   if fast:
-    lines += ["**`--fast`: a plumbing check on a handful of records and steps; the numbers "
-              "below mean nothing.**", ""]
-  lines += [f"Wall time {total.wall_s:.0f} s; CPU time {total.cpu_s:.0f} s on {cpus} CPUs "
-            f"(this run used {share:.0%} of the machine). Load average (1 min): "
-            f"{timings.start_load[0]:.2f} at the start, {_num(total.load_mean, 2)} on average "
-            f"and {_num(timings.sampler.peak(), 2)} at the peak during the run.", "",
-            "| result | value |", "|---|---|",
-            f"| held-out answer accuracy (`synthetic_vqa`, greedy, exact match) | "
-            f"{_num(summary['synthetic_vqa_accuracy'])} |",
-            f"| valid self-asked questions (`synthetic_sq`) | "
-            f"{_num(summary['synthetic_sq_valid'])} |",
-            f"| stage 1 final loss | {_num(summary['stage1_final_loss'])} |",
-            f"| stage 2 final loss | {_num(summary['stage2_final_loss'])} |",
-            f"| export | `{summary['export_dir']}` |", ""]
-  return lines
+    blocks.append(doc.Text("**`--fast`: a plumbing check on a handful of records and steps; "
+                           "the numbers below mean nothing.**"))
+  blocks += [
+      doc.Text(f"Wall time {total.wall_s:.0f} s; CPU time {total.cpu_s:.0f} s on {cpus} CPUs "
+               f"(this run used {share:.0%} of the machine). Load average (1 min): "
+               f"{timings.start_load[0]:.2f} at the start, {_num(total.load_mean, 2)} on "
+               f"average and {_num(timings.sampler.peak(), 2)} at the peak during the run."),
+      doc.Table(("result", "value"), (
+          ("held-out answer accuracy (`synthetic_vqa`, greedy, exact match)",
+           _num(summary["synthetic_vqa_accuracy"])),
+          ("valid self-asked questions (`synthetic_sq`)", _num(summary["synthetic_sq_valid"])),
+          ("stage 1 final loss", _num(summary["stage1_final_loss"])),
+          ("stage 2 final loss", _num(summary["stage2_final_loss"])),
+          ("export", f"`{summary['export_dir']}`")))]
+  return blocks
 
 
-def _stage_section(name: str, s: Mapping) -> list[str]:
+def _ask_section(ask: Mapping, figure: str) -> list[doc.Block]:
+  rows = []
+  for t in ask["turns"]:
+    truth = "" if t["correct"] or t["gold"] is None else f" (truth: {doc.literal(t['gold'])})"
+    rows.append((doc.literal(t["question"]), doc.literal(t["answer"]) + truth, _yes(t["valid"]),
+                 _yes(t["correct"])))
+  return [doc.Heading("Three questions the model asked about a held-out image"),
+          doc.Text("The model saw this image (a scene that never occurs in training) and, as "
+                   "SQ-LLaVA's self-questioning does, first described it, then sampled each "
+                   "question after the virtual user's `VUSER:` and answered it greedily. A "
+                   "question is valid when it is about a shape that is in the image."),
+          doc.Figure(figure, "a held-out image beside the questions the model asked and its "
+                             "answers"),
+          doc.Text(f"Image `{ask['image']}`; truth: {doc.literal(ask['scene'])}"),
+          doc.Text(f"Description (greedy): {doc.literal(ask['description'])}"),
+          doc.Table(("question (sampled)", "answer (greedy)", "valid question",
+                     "correct answer"), rows)]
+
+
+def grid_examples(examples: Sequence[Mapping], size: int = GRID_SIZE,
+                  wrong: int = GRID_WRONG) -> list[Mapping]:
+  """`size` answered questions about as many held-out images, in order: the first images,
+  the k-th asked its question number k modulo its count (so the types take turns), except
+  that up to `wrong` of them give way to the first images answered wrong, shown with their
+  first wrong answer, so that the grid shows mistakes when there are any."""
+  images: dict[str, list[Mapping]] = {}
+  for ex in examples:
+    images.setdefault(ex["image"], []).append(ex)
+  order = list(images)
+  missed = [im for im in order if not all(ex["correct"] for ex in images[im])][:wrong]
+  kept = [im for im in order if im not in missed][:size - len(missed)]
+  pick = {im: next(ex for ex in images[im] if not ex["correct"]) for im in missed}
+  pick.update({im: images[im][order.index(im) % len(images[im])] for im in kept})
+  return [pick[im] for im in order if im in pick]
+
+
+def _vqa_section(vqa: Mapping, figure: str, shown: Sequence[Mapping]) -> list[doc.Block]:
+  rows = [(t, _num(r["accuracy"]), str(r["num_questions"]), _num(synthetic.CHANCE[t], 3),
+           _num(vqa["constant_per_type"][t], 3)) for t, r in vqa["per_type"].items()]
+  rows.append(("**all**", f"**{_num(vqa['accuracy'])}**", str(vqa["num_questions"]),
+               _num(vqa["chance"], 3), _num(vqa["constant"], 3)))
+  wrong = sum(not ex["correct"] for ex in shown)
+  return [doc.Heading("Held-out answers (`synthetic_vqa`)"),
+          doc.Text(f"{len(shown)} held-out images, each with one of its questions and the "
+                   f"model's answer: green and {figures.RIGHT_MARK} when right, red and "
+                   f"{figures.WRONG_MARK} with the truth when wrong ({wrong} of these "
+                   f"{len(shown)} wrong). They are the first images of the held-out set, "
+                   f"except that up to {GRID_WRONG} give way to the first images the model "
+                   "answered wrong, so that its mistakes show."),
+          doc.Figure(figure, "held-out images with the model's answers, right and wrong "
+                             "marked"),
+          doc.Text(f"{vqa['num_questions']} questions about held-out images, one of each type "
+                   "per image, template `vicuna_v1`, greedy, exact match. Chance: a uniform "
+                   "guess among the possible answers of the type. Best constant: always the "
+                   "most frequent held-out answer of the type, the most an answer that "
+                   "ignores the image can score (held-out scenes lean to three and four "
+                   "shapes: the few small scenes all occur in training)."),
+          doc.Table(("question type", "accuracy", "questions", "chance", "best constant"),
+                    rows),
+          doc.Text(f"Answers: `{vqa['answers']}`")]
+
+
+def _sq_section(sq: Mapping) -> list[doc.Block]:
+  types = ", ".join(f"{k} {v}" for k, v in sq["question_types"].items())
+  return [doc.Heading("Self-questioning (`synthetic_sq`)"),
+          doc.Text(f"{sq['num_questions']} questions asked about {sq['num_images']} held-out "
+                   "images with the reference protocol (greedy description, then each "
+                   "question sampled at temperature 1.2, top-k 300, top-p 0.95 after "
+                   "`VUSER:`)."),
+          doc.Bullets((f"valid (well-formed and about a shape in the image): "
+                       f"**{_num(sq['valid_fraction'])}**",
+                       f"well-formed: {_num(sq['well_formed_fraction'])}",
+                       f"question types: {types}")),
+          doc.Text(f"Questions: `{sq['answers']}`")]
+
+
+def _origin(s: Mapping) -> str:
+  """Where the stage's weights came from."""
+  if "base_dir" in s:
+    files = s["files"]["params.safetensors"]
+    return (f"**not trained in this run**: the stage-0 base in `{s['base_dir']}` "
+            f"({_count(s['num_parameters'])} parameters, params.safetensors sha256 "
+            f"`{files['sha256'][:12]}`), made by `{s['made_by']}`, whose stage 0 took "
+            f"{s['wall_s']:.0f} s on {s['cpus']} CPUs (mean load {_num(s['mean_load'], 2)}); "
+            "`--from-scratch` trains it here")
+  if s["init_from"]:
+    exclude = s["init_from_exclude"]
+    return f"starts from `{s['init_from']}`" + (f" except `{'`, `'.join(exclude)}`"
+                                                 if exclude else "")
+  written = f"; written as a base folder to `{s['base_written']}`" if s.get("base_written") else ""
+  return "starts from scratch" + written
+
+
+def _stage_section(name: str, s: Mapping) -> list[doc.Block]:
   groups = ", ".join(f"{g['name']} " + ("frozen" if g["frozen"] else f"lr {g['lr']:g}")
                      for g in s["groups"])
   trains = ", ".join(f"{k} {_count(v)}" for k, v in s["trainable"].items()) or "nothing"
   frozen = ", ".join(f"{k} {_count(v)}" for k, v in s["frozen"].items()) or "nothing"
-  start = (f"from `{s['init_from']}`" + (f" except {', '.join(s['init_from_exclude'])}"
-                                          if s["init_from_exclude"] else "")
-           if s["init_from"] else "from scratch")
-  return [f"### {STAGE_TITLES[name]}", "",
-          f"- data: `{s['data_file']}`, template `{s['template']}`, sq_r {s['sq_r']}, "
-          f"sequences of at most {s['max_length']} tokens",
-          f"- trains: {trains}; frozen: {frozen}",
-          f"- parameter groups ({s['optimizer']}): {groups}; starts {start}",
-          f"- {s['steps']} steps of {s['batch_size']} examples; loss "
-          f"{_num(s['first_loss'])} -> {_num(s['final_loss'])} (mean of the last 10 steps "
-          f"{_num(s['final_mean'])}); {s['wall_s']:.0f} s in the training loop", "",
-          f"![{name} loss]({name}/loss.png)", ""]
+  return [doc.Heading(STAGE_TITLES[name], 3),
+          doc.Bullets((
+              _origin(s),
+              f"data: `{s['data_file']}`, template `{s['template']}`, sq_r {s['sq_r']}, "
+              f"sequences of at most {s['max_length']} tokens",
+              f"trains: {trains}; frozen: {frozen}",
+              f"parameter groups ({s['optimizer']}): {groups}",
+              f"{s['steps']} steps of {s['batch_size']} examples; loss "
+              f"{_num(s['first_loss'])} -> {_num(s['final_loss'])} (mean of the last 10 steps "
+              f"{_num(s['final_mean'])}); {s['wall_s']:.0f} s in the training loop"))]
 
 
-def _vqa_section(vqa: Mapping) -> list[str]:
-  lines = ["## Held-out answer accuracy (`synthetic_vqa`)", "",
-           f"{vqa['num_questions']} questions about held-out images (scenes that never occur "
-           "in training), one of each type per image, template `vicuna_v1`, greedy, exact "
-           "match. Chance: a uniform guess among the possible answers of the type. Best "
-           "constant: always the most frequent held-out answer of the type, the most an "
-           "answer that ignores the image can score (held-out scenes lean to three and four "
-           "shapes: the few small scenes all occur in training).", "",
-           "| question type | accuracy | questions | chance | best constant |",
-           "|---|---|---|---|---|"]
-  for t, r in vqa["per_type"].items():
-    lines.append(f"| {t} | {_num(r['accuracy'])} | {r['num_questions']} | "
-                 f"{_num(synthetic.CHANCE[t], 3)} | {_num(vqa['constant_per_type'][t], 3)} |")
-  lines += [f"| **all** | **{_num(vqa['accuracy'])}** | {vqa['num_questions']} | "
-            f"{_num(vqa['chance'], 3)} | {_num(vqa['constant'], 3)} |", "",
-            f"Answers: `{vqa['answers']}`", ""]
-  return lines
+def _timing_section(timings) -> list[doc.Block]:
+  rows = [(t.name, f"{t.wall_s:.1f}", f"{t.cpu_s:.1f}", _num(t.load_mean, 2))
+          for t in [*timings.steps, timings.total()]]
+  return [doc.Heading("Timings"), doc.Table(("step", "wall s", "CPU s", "mean load"), rows)]
 
 
-def _sq_section(sq: Mapping) -> list[str]:
-  types = ", ".join(f"{k} {v}" for k, v in sq["question_types"].items())
-  return ["## Self-questioning (`synthetic_sq`)", "",
-          f"{sq['num_questions']} questions asked about {sq['num_images']} held-out images with "
-          "the reference protocol (greedy description, then each question sampled at "
-          "temperature 1.2, top-k 300, top-p 0.95 after `VUSER:`).", "",
-          f"- valid (well-formed and about a shape in the image): "
-          f"**{_num(sq['valid_fraction'])}**",
-          f"- well-formed: {_num(sq['well_formed_fraction'])}",
-          f"- question types: {types}", "", f"Questions: `{sq['answers']}`", ""]
+def make_figures(out: str, stages: Mapping, results: Mapping) -> dict[str, str]:
+  """Writes the figures into `out/figures`; their paths relative to `out`."""
+  os.makedirs(os.path.join(out, FIGURES), exist_ok=True)
+  rel = {k: os.path.join(FIGURES, f"{k}.png") for k in ("asked", "answers", "loss")}
+  ask = results["ask"]
+  figures.asked(ask["image"], ask["scene"], ask["turns"], os.path.join(out, rel["asked"]))
+  figures.answer_grid(grid_examples(results["vqa"]["examples"]),
+                      os.path.join(out, rel["answers"]))
+  titles = {k: CURVE_TITLES[k] + (" (the base, as recorded when it was made)"
+                                   if "base_dir" in s else "") for k, s in stages.items()}
+  figures.loss_curves({k: s["loss_curve"] for k, s in stages.items()}, titles,
+                      os.path.join(out, rel["loss"]))
+  return rel
 
 
-def _ask_section(ask: Mapping) -> list[str]:
-  lines = ["## Three self-asked questions about one held-out image", "",
-           f"Image `{ask['image']}`; truth: {ask['scene']}", "",
-           f"Description (greedy): {_text(ask['description'])}", "",
-           "| question (sampled) | answer (greedy) | valid question | correct answer |",
-           "|---|---|---|---|"]
-  for t in ask["turns"]:
-    gold = "" if t["correct"] or t["gold"] is None else f" (truth: {t['gold']})"
-    lines.append(f"| {_text(t['question'])} | {_text(t['answer'])}{gold} | {'yes' if t['valid'] else 'no'} | "
-                 f"{'yes' if t['correct'] else 'no'} |")
-  return lines + [""]
-
-
-def _timing_section(timings) -> list[str]:
-  lines = ["## Timings", "", "| step | wall s | CPU s | mean load |", "|---|---|---|---|"]
-  for t in [*timings.steps, timings.total()]:
-    lines.append(f"| {t.name} | {t.wall_s:.1f} | {t.cpu_s:.1f} | {_num(t.load_mean, 2)} |")
-  return lines + [""]
+def blocks(options, stages: Mapping, results: Mapping, exported: Mapping, timings,
+           summary: Mapping, argv: Sequence[str], figs: Mapping[str, str]) -> list[doc.Block]:
+  out = _header(summary, argv, timings, options.fast)
+  out += _ask_section(results["ask"], figs["asked"])
+  out += _vqa_section(results["vqa"], figs["answers"],
+                      grid_examples(results["vqa"]["examples"]))
+  out += _sq_section(results["sq"])
+  out += [doc.Heading("Stages"), doc.Figure(figs["loss"], "training loss of each stage")]
+  for name, s in stages.items():
+    out += _stage_section(name, s)
+  out += [doc.Heading("Export"),
+          doc.Bullets([f"`{fmt}`: `{path}`" for fmt, path in exported.items()])]
+  return out + _timing_section(timings)
 
 
 def write(out: str, options, stages: Mapping, results: Mapping, exported: Mapping,
           timings, summary: Mapping, argv: Sequence[str]) -> str:
-  lines = _header(summary, argv, timings, options.fast) + ["## Stages", ""]
-  for name, s in stages.items():
-    lines += _stage_section(name, s)
-  lines += _vqa_section(results["vqa"]) + _sq_section(results["sq"]) + _ask_section(results["ask"])
-  lines += ["## Export", ""] + [f"- `{fmt}`: `{path}`" for fmt, path in exported.items()] + [""]
-  lines += _timing_section(timings)
+  """Writes `report.md` (figures beside it) and `report.html`; returns report.md's path."""
+  figs = make_figures(out, stages, results)
+  content = blocks(options, stages, results, exported, timings, summary, argv, figs)
   path = os.path.join(out, "report.md")
   with open(path, "w") as f:
-    f.write("\n".join(lines))
+    f.write(doc.to_markdown(content))
+  with open(os.path.join(out, "report.html"), "w") as f:
+    f.write(doc.to_html(content, out, "sqllava-jax demo"))
   return path

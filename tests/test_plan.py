@@ -159,3 +159,39 @@ def test_blocked_attention_keeps_no_score_matrix_for_the_backward():
   a backward that kept every block's probabilities needed 90 MiB."""
   dense, blocked = attention_grad_temp_bytes("xla"), attention_grad_temp_bytes("blocked")
   assert blocked < dense / 2, (blocked, dense)
+
+
+def inference_plan_json(*extra: str) -> dict:
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    code = cli.main(["plan", "--inference", TINY, "--prompt-len", "64", "--new-tokens", "32",
+                     "--json", "--top", "0", *extra])
+  assert code == 0, out.getvalue()
+  return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def test_inference_plan_shards_weights_and_kv_cache():
+  """The generation program on 1 and on 2 devices (fsdp): the tiny LLM's cache, 2 layers x
+  k and v x 4 rows x 2 kv heads x 96 slots x 16 dims in float32, splits over the batch; the
+  weights split over fsdp (what does not divide stays whole, so a little more than half)."""
+  one = inference_plan_json("--devices", "1", "--batch", "4")
+  two = inference_plan_json("--devices", "2", "--batch", "4", "--mesh", "data=1,fsdp=2")
+  cache = 2 * 2 * 4 * 2 * 96 * 16 * 4
+  assert one["memory"]["kv_cache_bytes"] == cache
+  assert two["memory"]["kv_cache_bytes"] == cache // 2
+  assert two["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1} and two["batch_per_device"] == 2
+  w1, w2 = one["memory"]["weight_bytes"], two["memory"]["weight_bytes"]
+  assert 0.5 * w1 <= w2 < 0.6 * w1, (w1, w2)
+  for s in (one, two):
+    m = s["memory"]
+    assert m["temp_bytes"] >= m["kv_cache_bytes"], m  # the cache lives inside the program
+    # jit drops the merged adapter factors from the arguments; the process still holds them.
+    assert m["argument_bytes"] < m["weight_bytes"] + m["input_bytes"], m
+    assert s["bytes_per_device"] == m["peak_bytes"] == (
+        m["weight_bytes"] + m["input_bytes"] + m["temp_bytes"] + m["output_bytes"])
+  assert two["memory"]["temp_bytes"] < one["memory"]["temp_bytes"]
+
+
+def test_inference_plan_refuses_a_batch_the_mesh_cannot_split(capsys):
+  assert cli.main(["plan", "--inference", TINY, "--devices", "2", "--batch", "3"]) == 2
+  assert "not divisible by the mesh's 2 batch slices" in capsys.readouterr().err

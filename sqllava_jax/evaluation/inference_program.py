@@ -244,14 +244,17 @@ class InferenceProgram:
                                                   jnp.float32)
     return (spec((batch, prompt_len), jnp.int32), pixels, spec((batch, prompt_len), jnp.bool_))
 
+  def abstract_layer_states(self) -> Optional[list[nnx.State]]:
+    """Shape-only unstacked layer copies (None without them), sharded like `place` puts them."""
+    if not self.unstack:
+      return None
+    return [_shape_only(self._abstract_layers, self.layer_shardings, drop_leading=True)
+            for _ in range(self.num_layers)]
+
   def lower(self, batch: int, prompt_len: int, new_tokens: int, *,
             image_size: Optional[int] = None, greedy: bool = True):
     """The generation program lowered on shape-only weights and inputs (nothing allocated)."""
-    layers = None
-    if self.unstack:
-      sh = [None] * self.num_layers if self.mesh is None else [self.layer_shardings] * \
-          self.num_layers
-      layers = [_shape_only(self._abstract_layers, s, drop_leading=True) for s in sh]
+    layers = self.abstract_layer_states()
     key = jax.eval_shape(lambda: jax.random.key(0))
     params = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
               jax.ShapeDtypeStruct((), jnp.float32))
@@ -263,7 +266,8 @@ class InferenceProgram:
 
 
 def _shape_only(state: nnx.State, shardings: Any, *, drop_leading: bool = False) -> nnx.State:
-  """ShapeDtypeStructs (with `shardings` where given) in the place of a state's values."""
+  """ShapeDtypeStructs (with `shardings` where given) in the place of a state's values;
+  `drop_leading`: one layer's slice of stacked values."""
 
   def one(var, sharding=None):
     shape = tuple(var.shape)[1:] if drop_leading else tuple(var.shape)

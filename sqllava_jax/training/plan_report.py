@@ -122,3 +122,50 @@ def text(s: dict) -> str:
             "body counted once (not a per-step figure)"]
   lines += [f"  note: {n}" for n in s["compiled_notes"]]
   return "\n".join(lines)
+
+
+def inference_summary(result: dict, *, config_path: str, devices: int, batch: int,
+                      prompt_len: int, new_tokens: int, wall_s: float) -> dict:
+  cfg, program, mem = result["config"], result["program"], result["memory"]
+  return {
+      "config": config_path, "devices": devices, "inference": True,
+      "mesh": {k: int(v) for k, v in program.mesh.shape.items()},
+      "batch": batch, "batch_per_device": batch // program.batch_ways(),
+      "prompt_len": prompt_len, "new_tokens": new_tokens,
+      "attention_impl": cfg.model.attention_impl, "compute_dtype": cfg.model.compute_dtype,
+      "param_dtype": cfg.model.param_dtype, "unstacked_layers": program.unstack,
+      "compiled_as": result["adjustments"],
+      "memory": mem, "bytes_per_device": mem["peak_bytes"],
+      "peak_buffers": result["buffers"],
+      "compile_s": round(result["compile_s"], 1), "wall_s": round(wall_s, 1),
+  }
+
+
+def inference_text(s: dict) -> str:
+  mesh = " ".join(f"{k}={v}" for k, v in s["mesh"].items())
+  mem = s["memory"]
+  lines = [
+      f"inference plan: {s['config']} on {s['devices']} simulated CPU devices (mesh {mesh})",
+      f"  global batch {s['batch']} ({s['batch_per_device']} rows per device), prompt "
+      f"{s['prompt_len']} + {s['new_tokens']} new tokens, one image per row",
+      f"  attention {s['attention_impl']}, compute {s['compute_dtype']}, parameters "
+      f"{s['param_dtype']}, unstacked layer copy: {'yes' if s['unstacked_layers'] else 'no'}; "
+      f"compiled in {s['compile_s']} s",
+      *[f"  compiled with: {a}" for a in s["compiled_as"]],
+      "",
+      "memory per device (XLA memory analysis)",
+      f"  weights      {_bytes(mem['weight_bytes'])}  sharded by mesh.rules (adapters merged)",
+      f"  inputs       {_bytes(mem['input_bytes'])}  ids, mask, pixels",
+      f"  KV cache     {_bytes(mem['kv_cache_bytes'])}  k and v of every layer, sharded over "
+      "batch and kv heads (part of the temporaries)",
+      f"  temporaries  {_bytes(mem['other_temp_bytes'])}  besides the KV cache "
+      f"({_bytes(mem['temp_bytes']).strip()} in all)",
+      f"  output       {_bytes(mem['output_bytes'])}",
+      f"  peak         {_bytes(mem['peak_bytes'])}  weights + inputs + temporaries + output "
+      f"(the program reads {_bytes(mem['argument_bytes']).strip()} of its arguments)",
+  ]
+  if s["peak_buffers"]:
+    lines += ["", "biggest buffers live at the peak"]
+    lines += [f"  {_bytes(b['bytes'])}  {b['shape']:<28} {b['buffer']}  {b['op']}"
+              for b in s["peak_buffers"]]
+  return "\n".join(lines)

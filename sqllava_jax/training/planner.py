@@ -1,4 +1,5 @@
-"""Memory and cost of a config's real train step, compiled ahead of time on CPU devices.
+"""Memory and cost of a config's real train step (and of its generation program,
+`plan_inference`), compiled ahead of time on CPU devices.
 
 The step is `TrainProgram(...).train_step` lowered on abstract (shape-only) state and batch:
 nothing is allocated, so a 13B model plans on a laptop. XLA's memory analysis gives the
@@ -20,13 +21,16 @@ bfloat16, so a bfloat16 plan is an upper bound.
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import time
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 
 from sqllava_jax.config import Config, replace
+from sqllava_jax.models.layers import dtype_of
 from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.training import flops as fl
 from sqllava_jax.training import hlo_stats
@@ -131,3 +135,81 @@ def plan(cfg: Config, *, devices: int, batch: int, seq_len: int, as_accelerator:
           "memory": memory(compiled), "model_flops": parts,
           "compiled_matmul_flops": compiled_flops, "compiled_notes": notes,
           "xla_cost_flops": float(cost.get("flops", 0.0)), "buffers": buffers}
+
+
+# --- inference ----------------------------------------------------------------------------------
+
+def inference_program(cfg: Config, devices: int, *, unstack_layers: bool = False):
+  """The generation program of `cfg` on its mesh over `devices` CPU devices, on shape-only
+  weights with the adapters merged (as the inference commands load them)."""
+  from sqllava_jax.evaluation.inference_program import InferenceProgram
+  from sqllava_jax.models import lora
+  from sqllava_jax.models.sqllava import abstract_model
+  available = jax.devices()
+  if len(available) < devices:
+    raise ValueError(f"{devices} devices requested, {len(available)} available; start with "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
+  model = abstract_model(cfg.model)
+  for _, linear in lora.lora_linears(model):
+    linear.merged = True  # what `load_for_inference` does to the real weights
+  mesh = make_mesh(cfg.mesh, available[:devices])
+  return InferenceProgram(model, mesh, cfg.mesh.rules, unstack_layers=unstack_layers)
+
+
+def sharded_bytes(tree) -> int:
+  """Per-device bytes of shape-only arrays with shardings (the first device's shards)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def kv_cache_bytes(cfg: Config, program, batch: int, slots: int) -> int:
+  """Per-device bytes of the KV cache: k and v [layers, B, kv heads, slots, head dim] in the
+  compute dtype, sharded like `models.llama.STACKED_CACHE_AXES`."""
+  from sqllava_jax.models.llama import STACKED_CACHE_AXES
+  from sqllava_jax.parallel.mesh import logical_sharding
+  llm = cfg.model.llm
+  shape = (llm.num_layers, batch, llm.num_kv_heads, slots, llm.dim_per_head)
+  sharding = logical_sharding(STACKED_CACHE_AXES, shape, program.mesh, program.rules)
+  itemsize = jnp.dtype(dtype_of(cfg.model.compute_dtype)).itemsize
+  return 2 * math.prod(sharding.shard_shape(shape)) * itemsize
+
+
+def plan_inference(cfg: Config, *, devices: int, batch: int, prompt_len: int, new_tokens: int,
+                   as_accelerator: bool = True, unstack_layers: bool = False,
+                   top: int = 0) -> dict:
+  """Compiles the generation program (prefill and decode loop, one image per row) for a
+  global `batch` of `prompt_len`-token prompts and `new_tokens` new tokens; returns its
+  per-device memory: weights, inputs, KV cache and the other temporaries."""
+  original, cfg = cfg.model.attention_impl, planning_config(cfg, as_accelerator)
+  t0 = time.perf_counter()
+  program = inference_program(cfg, devices, unstack_layers=unstack_layers)
+  if batch % program.batch_ways():
+    raise ValueError(f"--batch {batch} is not divisible by the mesh's {program.batch_ways()} "
+                     "batch slices (data x fsdp)")
+  lowered = program.lower(batch, prompt_len, new_tokens, image_size=cfg.model.vision.image_size)
+  options = {**NO_CODEGEN_OPT, **(NO_LICM if as_accelerator else {})}
+  with tempfile.TemporaryDirectory() as dump:
+    if top:
+      options.update(xla_dump_to=dump, xla_dump_hlo_as_text=True)
+    with no_compilation_cache():
+      compiled = lowered.compile(compiler_options=options)
+    buffers = hlo_stats.peak_buffers(dump, compiled.as_text(), top) if top else []
+  seconds = time.perf_counter() - t0
+  mem = memory(compiled)
+  # Everything the process holds on the devices, read by the program or not (merged
+  # adapter factors, and the stacked layers beside an unstacked copy, are held but unread:
+  # jit drops them from the program's arguments).
+  weights = sharded_bytes([program.abstract_state, program.abstract_layer_states()])
+  inputs = sharded_bytes([a for a in program.abstract_inputs(batch, prompt_len,
+                                                             cfg.model.vision.image_size)
+                          if a is not None])
+  cache = kv_cache_bytes(cfg, program, batch, prompt_len + new_tokens)
+  mem.update({"weight_bytes": weights, "input_bytes": inputs, "kv_cache_bytes": cache,
+              "other_temp_bytes": mem["temp_bytes"] - cache,
+              "peak_bytes": weights + inputs + mem["temp_bytes"] + mem["output_bytes"]})
+  return {"config": cfg, "program": program, "compile_s": seconds,
+          "adjustments": adjustments(as_accelerator, original, rng_unrolled=True),
+          "memory": mem, "buffers": buffers}

@@ -108,9 +108,8 @@ def data_engine(args: argparse.Namespace) -> int:
   from sqllava_jax.evaluation.engine import Engine
   from sqllava_jax.evaluation.eval_loop import EvalSettings
   protocol = protocol_from_args(args)
-  text_only = 0
   if args.data:
-    questions, text_only = de.json_questions(args.data, protocol.describe)
+    questions = de.json_questions(args.data, protocol.describe)
   else:
     questions = de.folder_questions(args.images, protocol.describe)
   model, cfg, tokenizer = loading.load_from_args(args)
@@ -126,7 +125,6 @@ def data_engine(args: argparse.Namespace) -> int:
   summary = de.run_data_engine(engine, questions, settings, args.out, progress=args.progress,
                                question_file=args.data)
   if summary is not None:
-    summary["text_only_records"] = text_only
     print(json.dumps(summary))
   return 0
 

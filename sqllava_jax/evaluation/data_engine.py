@@ -53,16 +53,11 @@ def folder_questions(folder: str, describe: str) -> list[dict]:
   return [{"question_id": p, "image": p, "text": describe} for p in sorted(paths)]
 
 
-def json_questions(path: str, describe: str) -> tuple[list[dict], int]:
-  """One question per image record of a LLaVA JSON (its id and image, the describe prompt;
-  malformed records kept, to be counted) and how many text-only records were left out."""
-  questions, text_only = [], 0
-  for q in load_questions(path):
-    if MALFORMED not in q and not q.get("image"):
-      text_only += 1
-      continue
-    questions.append({**q, "text": describe} if MALFORMED not in q else q)
-  return questions, text_only
+def json_questions(path: str, describe: str) -> list[dict]:
+  """One question per record of a LLaVA JSON, in file order: its id and image, the describe
+  prompt (malformed records kept as they are, and text-only ones, to be skipped and counted
+  by `run_eval`)."""
+  return [q if MALFORMED in q else {**q, "text": describe} for q in load_questions(path)]
 
 
 def _usable(text: str) -> bool:

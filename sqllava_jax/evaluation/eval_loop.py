@@ -257,7 +257,8 @@ def run_eval(engine: Engine, questions: Sequence[dict], settings: EvalSettings, 
   "message"}` in file order) on process 0 and None elsewhere. `question_file` names the
   file in the errors of a strict run."""
   index, count = jax.process_index(), jax.process_count()
-  rejected = screen(questions, file=question_file, strict=settings.strict)
+  rejected = screen(questions, file=question_file, strict=settings.strict,
+                    needs_image=settings.self_questioning)
   answer_log.claim(out_dir, run_fingerprint(settings, questions, count), write=index == 0)
   logged = answer_log.read_logs(out_dir, count)
   dp.barrier("eval-logs-read")  # every process sees the same done set before any appends

@@ -122,12 +122,16 @@ def _problem(q: Mapping[str, Any]) -> Optional[str]:
   return None
 
 
+TEXT_ONLY = "text_only"  # the skip reason of an imageless question where one is needed
+
+
 def screen(questions: Sequence[Mapping[str, Any]], *, file: Optional[str] = None,
-           strict: bool = False) -> list[dict]:
+           strict: bool = False, needs_image: bool = False) -> list[dict]:
   """The questions that cannot be asked, as skip entries `{"index", "question_id", "reason",
   "message"}` in file order: malformed records and repeats of an earlier question (same id,
   text and image; questions that only share an id are distinct). `strict`: raises the first
-  one's `BadRecord` instead."""
+  one's `BadRecord` instead. `needs_image` (self-questioning): questions without an image are
+  skipped too, as `text_only`, strict or not (nothing wrong with them, nothing to ask)."""
   skipped, seen = [], set()
   for index, q in enumerate(questions):
     problem = _problem(q)
@@ -140,6 +144,9 @@ def screen(questions: Sequence[Mapping[str, Any]], *, file: Optional[str] = None
         error = BadRecord("duplicate_question", f"question {q['question_id']!r} is asked again")
       seen.add(key)
     if error is None:
+      if needs_image and not q.get("image"):
+        skipped.append({"index": index, "question_id": q["question_id"], "reason": TEXT_ONLY,
+                        "message": f"question {q['question_id']!r} has no image to question"})
       continue
     error = error.with_context(record_id=str(q.get("question_id")), index=index, file=file)
     if strict:

@@ -92,7 +92,7 @@ def ask_one(args: argparse.Namespace) -> int:
   from sqllava_jax.evaluation.engine import Engine  # pylint: disable=g-import-not-at-top
   protocol = protocol_from_args(args)
   model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer)
+  engine = Engine(model, tokenizer, **loading.engine_options(args, cfg))
   pixels = load_image(args.image, size=engine.image_size,
                       aspect_ratio=cfg.data.image_aspect_ratio)
   [result] = self_question(engine, [pixels], n=args.n, protocol=protocol, answer=args.answer,
@@ -113,7 +113,7 @@ def data_engine(args: argparse.Namespace) -> int:
   else:
     questions = de.folder_questions(args.images, protocol.describe)
   model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer, mesh=dp.eval_mesh_if_parallel())
+  engine = Engine(model, tokenizer, **loading.engine_options(args, cfg, dp.eval_mesh_if_parallel()))
   settings = EvalSettings(
       images_dir=args.images, template=protocol.template, batch_size=args.batch_size,
       max_new_tokens=protocol.question_tokens, sampling=protocol.question_sampling,

@@ -11,8 +11,10 @@ writes), bad inputs skipped and counted (or `strict`). Process 0 then writes
 `OUT/records.json`, one record per image:
 
     {"id", "image", "conversations": [
-        {"from": "human", "value": "<image>\\n" + describe prompt}, {"from": "gpt", "value": description},
-        {"from": "human", "value": asked question 1}, {"from": "gpt", "value": its answer}, ...]}
+        {"from": "human", "value": "<image>\\n" + describe prompt},
+        {"from": "gpt", "value": description},
+        {"from": "human", "value": asked question 1}, {"from": "gpt", "value": its answer},
+        ...]}
 
 The asked questions are written as `human` turns, not `vuser`: `train` with `v1_sq` then
 relabels each as a VUSER turn with probability `data.sq_r` (the paper's recipe, the same

@@ -116,7 +116,7 @@ class Checkpointer:
     failed save may still be landing in it (what is left goes when the next run starts)."""
     try:
       self.manager.close()
-    except _SAVE_ERRORS:
+    except Exception:  # the same failure again: it is being reported
       pass
     self.manager = self._open()
     if jax.process_index() == 0 and "://" not in self.directory:

@@ -97,7 +97,7 @@ class Trainer:
     return self.program.fresh_state(self.cfg.seed)
 
   def init_or_restore(self) -> tuple[dict, Any]:
-    """(state, data iterator): from the latest checkpoint in output_dir, else fresh."""
+    """(state, data iterator): from the newest intact checkpoint in output_dir, else fresh."""
     it = iter(self.pipeline)
     latest, damaged = self.ckpt.newest_intact()
     self._set_aside(damaged)

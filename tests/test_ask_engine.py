@@ -195,3 +195,28 @@ def test_a_llava_json_with_bad_records(run, folder, tmp_path, capsys):
                    "--strict"]) == 2
   err = capsys.readouterr().err
   assert "record '#4', index 4" in err and str(path) in err, err
+
+
+def test_two_processes_write_what_one_writes(run, folder, uninterrupted, tmp_path):
+  """Each process questions its rows of every batch (one of two here) and process 0 merges:
+  the records, sampled questions included, are the one-process run's."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=TEST_XLA_FLAGS)
+  argv = [sys.executable, "-m", "sqllava_jax.cli", *ask_argv(run, folder, tmp_path),
+          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert json.loads(outs[0][0].splitlines()[-1])["num_records"] == len(records(uninterrupted))
+  assert '"records"' not in outs[1][0], "only process 0 reports"
+  assert records(str(tmp_path)) == records(uninterrupted)
+  for i in range(2):  # each process logged its share: the images of its rows
+    with open(tmp_path / f"answers.{i}-of-2.jsonl") as f:
+      mine = sorted({json.loads(line)["index"] for line in f})
+    assert mine == [k for k in range(NUM_IMAGES) if (k % BATCH) // (BATCH // 2) == i]

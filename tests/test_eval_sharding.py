@@ -89,7 +89,8 @@ def test_process_shards_merge_into_the_single_process_answers(run, tmp_path):
   for i in range(2):
     records, skipped = eval_loop.answer_shard(engine, questions, two, process_index=i,
                                               process_count=2, progress=False)
-    assert [r["index"] for r in records] == list(range(i, 5, 2)) and not skipped
+    # each process its half of each batch of four: [0, 1] and [4]; [2, 3] and padding
+    assert [r["index"] for r in records] == [[0, 1, 4], [2, 3]][i] and not skipped
     eval_loop.write_jsonl(eval_loop.shard_path(str(tmp_path), i, 2), records)
   merged = eval_loop.read_jsonl(eval_loop.merge_shards(str(tmp_path), 2, "m"))
   assert [m["question_id"] for m in merged] == [q["question_id"] for q in questions]
@@ -118,9 +119,12 @@ def test_unreadable_images_are_skipped_and_counted(run, tmp_path):
 
 
 @pytest.mark.parametrize("total, processes, batch, expected", [
-    (5, 2, 2, 2), (4, 2, 2, 1), (1, 4, 1, 1), (0, 1, 8, 1), (17, 1, 8, 3)])
-def test_every_process_runs_the_same_number_of_batches(total, processes, batch, expected):
-  assert dp.num_batches(total, processes, batch) == expected
-  shards = [dp.process_shard(list(range(total)), i, processes) for i in range(processes)]
-  assert sorted(sum(shards, [])) == list(range(total))
-  assert all(len(s) <= expected * batch for s in shards)
+    (5, 2, 2, 2), (4, 2, 2, 1), (1, 4, 1, 1), (0, 1, 8, 0), (17, 1, 8, 3)])
+def test_every_item_has_one_row_of_one_batch(total, processes, batch, expected):
+  """batch: rows per process; an item's global row is the same for any process count."""
+  global_batch = processes * batch
+  assert dp.num_batches(total, global_batch) == expected
+  rows = [list(dp.batch_rows(total, global_batch, b, i, processes))
+          for b in range(expected) for i in range(processes)]
+  assert sum(rows, []) == list(range(total)), "in order: batch by batch, process by process"
+  assert all(len(r) <= batch for r in rows)

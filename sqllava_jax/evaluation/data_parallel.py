@@ -2,7 +2,7 @@
 
 Evaluation keeps the weights replicated and splits only the batch (the leading axis); each
 process passes its own rows and gets its own rows back, and reads only its shard of the
-questions (`process_shard`).
+questions (`batch_rows`).
 """
 
 from __future__ import annotations
@@ -78,18 +78,23 @@ def local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
 
 
-def process_shard(items: Sequence[Any], process_index: int, process_count: int) -> list:
-  """The items this process evaluates: every `process_count`-th, starting at its index."""
+def batch_rows(total: int, global_batch: int, batch: int, process_index: int,
+               process_count: int) -> range:
+  """The items (of `total`) this process holds in global batch `batch`: its contiguous block
+  of the batch, process 0's first, as the global array lays the rows out. So every item
+  keeps its global row whatever the process count, and a sampled run draws the same on one
+  process as on many. Fewer than `global_batch // process_count` at the end: padding rows."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in 0..{process_count - 1}")
-  return list(items[process_index::process_count])
+  local = global_batch // process_count
+  start = batch * global_batch + process_index * local
+  return range(min(start, total), min(start + local, total))
 
 
-def num_batches(total: int, process_count: int, local_batch: int) -> int:
-  """Batches every process runs: enough for the largest shard (collectives need all
-  processes to run the same number of steps; short shards run padding rows)."""
-  largest = -(-total // process_count)
-  return max(1, -(-largest // local_batch))
+def num_batches(total: int, global_batch: int) -> int:
+  """Global batches of `total` items (every process runs each: collectives need all
+  processes to run the same number of steps; short ones run padding rows)."""
+  return -(-total // global_batch)
 
 
 def agree_max(value: int) -> int:

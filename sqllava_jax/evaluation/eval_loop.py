@@ -1,7 +1,7 @@
 """Batched generation over a question file, sharded over processes and devices, resumable.
 
-Each process answers every `process_count`-th question (`data_parallel.process_shard`) in
-batches whose rows are split over the mesh's `data`/`fsdp` axes, and appends its answers to
+Each process answers its block of rows of every batch (`data_parallel.batch_rows`), the
+rows split over the mesh's `data`/`fsdp` axes, and appends its answers to
 its log `answers.{i}-of-{n}.jsonl` after every batch (`answer_log`); process 0 then merges
 them, in question order, into `answers.jsonl` (the LLaVA answers layout: question_id, prompt,
 text, answer_id, model_id). A rerun into the same folder asks only the questions no log
@@ -9,11 +9,12 @@ holds yet. All processes run the same number of equally shaped batches (short sh
 with inactive rows, whose answers are dropped), as the collectives inside require.
 
 The batches are fixed by the question file: global batch b holds questions
-[b * batch_size, (b + 1) * batch_size), each in the same row every time, with seed
-`seed + b`. A rerun runs only the batches that still hold an unanswered question, answered
-questions turned into inactive rows in place; so a sampled run (self-questioning) that was
-killed and continued draws what an uninterrupted one draws (a row's draw depends on the
-batch's key, its row and its own logits, not on the other rows).
+[b * batch_size, (b + 1) * batch_size), each in the same row every time and on any number
+of processes, with seed `seed + b`. A rerun runs only the batches that still hold an
+unanswered question, answered questions turned into inactive rows in place; so a sampled
+run (self-questioning) that was killed and continued draws what an uninterrupted one draws,
+and one process what many draw (a row's draw depends on the batch's key, its row and its
+own logits, not on the other rows).
 
 Questions that cannot be asked are skipped and counted, never a crash midway: malformed and
 repeated records (`questions.screen`, before anything runs) and unreadable images (as each
@@ -150,8 +151,7 @@ def _load_batch(items: list[tuple[int, dict]], size: int, images: Callable,
 def pending_batches(num_questions: int, batch_size: int, done: Collection[int]) -> list[int]:
   """The global batches (every process runs them together) that hold a question not in
   `done`."""
-  steps = -(-num_questions // batch_size)
-  return [b for b in range(steps)
+  return [b for b in range(dp.num_batches(num_questions, batch_size))
           if any(i not in done for i in range(b * batch_size,
                                                min((b + 1) * batch_size, num_questions)))]
 
@@ -169,8 +169,6 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
                      f"{process_count} processes; choose a multiple of {process_count}")
   local = settings.batch_size // process_count
   done = set(done)
-  # Global batch b is rows [b * local, (b + 1) * local) of every process's shard.
-  shard = dp.process_shard(list(enumerate(questions)), process_index, process_count)
   steps = pending_batches(len(questions), settings.batch_size, done)
   images = _Images(engine, settings)
   # Every batch passes pixels when any question has an image, so that all processes (and
@@ -184,8 +182,10 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
   todo = sum(i not in done for i in range(len(questions)))
   bar = tqdm(total=len(questions), initial=len(questions) - todo, unit="ex", desc=desc,
              smoothing=0.1, disable=not progress or process_index != 0)
-  load = lambda b: _load_batch(shard[b * local:(b + 1) * local], local, images, blank, done,
-                               settings.strict)
+  rows_of = lambda b: dp.batch_rows(len(questions), settings.batch_size, b, process_index,
+                                   process_count)
+  load = lambda b: _load_batch([(i, questions[i]) for i in rows_of(b)], local, images, blank,
+                               done, settings.strict)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     # The next batch's images load while the device answers this one.
     pending = pool.submit(load, steps[0]) if steps else None

@@ -58,3 +58,37 @@ def make_tiny_run(root: str, seed: int = 0) -> TinyRun:
   ckpt = os.path.join(root, "ckpt")
   save_model(ckpt, model, cfg)
   return TinyRun(ckpt, paths, cfg)
+
+
+def run_processes(argv: list[str], count: int, env: dict, cwd: str) -> list[tuple[str, str]]:
+  """Runs `argv` (a `sqllava_jax.cli` command line) as `count` processes of one JAX cluster on
+  this machine; asserts each exits 0 and returns each one's (stdout, stderr)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  argv = [sys.executable, "-m", "sqllava_jax.cli", *argv, "--coordinator", f"localhost:{port}",
+          "--num-processes", str(count)]
+  procs = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(count)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def spy_prompts(monkeypatch, keep) -> list:
+  """Every prompt row `Engine.complete` is given from now on for which `keep(prompt, pixels)`
+  holds (e.g. not a padding row), in call order."""
+  from sqllava_jax.evaluation.engine import Engine  # pylint: disable=g-import-not-at-top
+  seen = []
+  complete = Engine.complete
+
+  def spy(self, prompts, pixels, **kwargs):
+    seen.extend(p for p, x in zip(prompts, pixels) if keep(p, x))
+    return complete(self, prompts, pixels, **kwargs)
+  monkeypatch.setattr(Engine, "complete", spy)
+  return seen

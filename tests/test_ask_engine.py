@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,10 +19,9 @@ from sqllava_jax import cli
 from sqllava_jax.data.records import parse_record, relabel_self_questions
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER
 from sqllava_jax.evaluation import data_parallel
-from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.self_questioning import DESCRIBE
 from tests.conftest import TEST_XLA_FLAGS
-from tests.eval_helpers import make_tiny_run, tiny_config
+from tests.eval_helpers import make_tiny_run, run_processes, spy_prompts, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 4
@@ -114,8 +114,8 @@ def test_asked_questions_become_vuser_turns_at_the_rate_sq_r(uninterrupted):
 
 
 def test_train_reads_the_records_back(run, folder, uninterrupted, tmp_path):
-  from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from sqllava_jax.config import MeshConfig  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from sqllava_jax.training.trainer import Trainer  # pylint: disable=g-import-not-at-top
   from tests.train_helpers import metrics  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(run.data.root, f"data.tokenizer={run.data.tokenizer}", "data.source=json",
@@ -123,8 +123,7 @@ def test_train_reads_the_records_back(run, folder, uninterrupted, tmp_path):
                     f"data.image_folder={folder}", "data.strict=true", "data.num_workers=0",
                     f"output_dir={tmp_path}", "train.max_steps=1", "train.save_every=1000",
                     "train.async_checkpointing=false", "train.per_device_batch_size=2")
-  mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1),
-                   devices=__import__("jax").devices()[:1])
+  mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   Trainer(cfg, mesh=mesh).run()
   [step] = [m for m in metrics(tmp_path) if "loss" in m]
   assert step["step"] == 1 and np.isfinite(step["loss"]) and step["loss"] > 0
@@ -157,14 +156,8 @@ def test_a_killed_run_continues_without_asking_twice(run, folder, uninterrupted,
   assert 0 < len(set(before)) < NUM_IMAGES, "the kill should land midway"
   assert not os.path.exists(out / "records.json")
 
-  described = []
-  complete = Engine.complete
-
-  def spy(self, prompts, pixels, **kwargs):
-    # real images only: a batch's answered rows run as blank padding
-    described.extend(1 for p, x in zip(prompts, pixels) if p.endswith(OPENING) and x.any())
-    return complete(self, prompts, pixels, **kwargs)
-  monkeypatch.setattr(Engine, "complete", spy)
+  # real images only: a batch's answered rows run as blank padding
+  described = spy_prompts(monkeypatch, lambda p, x: p.endswith(OPENING) and x.any())
   summary = ask_json(capsys, ask_argv(run, folder, out))
   assert len(described) == NUM_IMAGES - len(set(before)), "only the images not yet logged"
   after = _logged(str(out))
@@ -200,19 +193,8 @@ def test_a_llava_json_with_bad_records(run, folder, tmp_path, capsys):
 def test_two_processes_write_what_one_writes(run, folder, uninterrupted, tmp_path):
   """Each process questions its rows of every batch (one of two here) and process 0 merges:
   the records, sampled questions included, are the one-process run's."""
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=TEST_XLA_FLAGS)
-  argv = [sys.executable, "-m", "sqllava_jax.cli", *ask_argv(run, folder, tmp_path),
-          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-  procs = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  outs = run_processes(ask_argv(run, folder, tmp_path), 2, env, ROOT)
   assert json.loads(outs[0][0].splitlines()[-1])["num_records"] == len(records(uninterrupted))
   assert '"records"' not in outs[1][0], "only process 0 reports"
   assert records(str(tmp_path)) == records(uninterrupted)

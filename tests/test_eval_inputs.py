@@ -9,8 +9,7 @@ import shutil
 import pytest
 
 from sqllava_jax import cli
-from sqllava_jax.evaluation.engine import Engine
-from tests.eval_helpers import make_tiny_run
+from tests.eval_helpers import make_tiny_run, spy_prompts
 
 NEW = 4
 VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -122,13 +121,7 @@ def test_scienceqa_file_asks_each_problem(run, images, tmp_path, capsys, monkeyp
   ]
   data = tmp_path / "llava_test_CQM-I.json"
   data.write_text(json.dumps(problems))
-  sent = []
-  complete = Engine.complete
-
-  def spy(self, prompts, pixels, **kwargs):
-    sent.extend(p for p in prompts if not p.endswith("USER: - ASSISTANT:"))
-    return complete(self, prompts, pixels, **kwargs)
-  monkeypatch.setattr(Engine, "complete", spy)
+  sent = spy_prompts(monkeypatch, lambda p, _: not p.endswith("USER: - ASSISTANT:"))
   argv = ["eval", "--ckpt", run.ckpt, "--task", "scienceqa", "--data", str(data), "--images",
           images, "--out", str(tmp_path / "out"), "--no-progress", "--batch-size", "8",
           "--max-new-tokens", str(NEW), "--prompt-suffix", suffix]

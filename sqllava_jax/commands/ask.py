@@ -21,6 +21,7 @@ import json
 import os
 import sys
 
+from sqllava_jax.commands.eval import add_run_arguments
 from sqllava_jax.commands.generate import add_sampling_arguments
 from sqllava_jax.evaluation import loading
 from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES, load_image
@@ -37,13 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", help="data engine: output folder (records.json; one run owns it)")
   parser.add_argument("--batch-size", type=int, default=8,
                       help="data engine: images per global batch (all processes)")
-  parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                      help="data engine: stop at the first image or record that cannot be "
-                           "used instead of skipping and counting it")
-  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-  parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
-  parser.add_argument("--num-processes", type=int, help="number of processes")
-  parser.add_argument("--process-id", type=int, help="this process's index")
+  add_run_arguments(parser)  # --strict, --progress and the processes: the data engine's
   parser.add_argument("--n", type=int, default=3, help="questions to ask")
   parser.add_argument("--answer", action=argparse.BooleanOptionalAction, default=False,
                       help="also answer each question (the data engine always answers)")

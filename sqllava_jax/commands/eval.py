@@ -49,14 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="appended to each question on a new line unless it ends with it "
                            "(the reference's answer-format line, e.g. ScienceQA's: see "
                            "configs/eval/*.yaml)")
-  parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                      help="stop at the first question that cannot be asked (malformed, "
-                           "repeated, image missing, unreadable or outside --images) instead "
-                           "of skipping and counting it")
   parser.add_argument("--questions-per-image", type=int, default=1, help="synthetic_sq")
   parser.add_argument("--describe-tokens", type=int, default=256,
                       help="synthetic_sq: new tokens of the opening description")
   parser.add_argument("--model-id", default=None, help="default: the checkpoint folder's name")
+  add_run_arguments(parser)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of a long, resumable, multi-process inference run (eval, eval-suite, ask)."""
+  parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                      help="stop at the first question that cannot be asked (malformed, "
+                           "repeated, image missing, unreadable or outside the image folder), "
+                           "naming it, instead of skipping and counting it")
   parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
   parser.add_argument("--num-processes", type=int, help="number of processes")

@@ -17,6 +17,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from sqllava_jax.commands.eval import add_run_arguments  # pylint: disable=g-import-not-at-top
   from sqllava_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
   loading.add_model_arguments(parser)
   parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/eval/paper.yaml")
@@ -34,13 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--judge-model", default=None, help="judge model, e.g. gpt-4-0613")
   parser.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                       help="environment variable holding the judge's API key")
-  parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                      help="stop at the first question that cannot be asked instead of "
-                           "skipping and counting it")
-  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-  parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
-  parser.add_argument("--num-processes", type=int, help="number of processes")
-  parser.add_argument("--process-id", type=int, help="this process's index")
+  add_run_arguments(parser)
 
 
 def _options(args: argparse.Namespace):

@@ -79,7 +79,11 @@ def _from_record(record: Any, index: int, scienceqa: bool) -> dict:
 def _read_records(path: str) -> list:
   """The file's records; in JSONL a line that is not JSON becomes a malformed stand-in."""
   if not path.endswith(".jsonl"):
-    return load_json_or_jsonl(path)
+    try:
+      return load_json_or_jsonl(path)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not JSON ({e}); a question file is a JSON list or JSONL "
+                       "(one question per line)") from None
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no such file: {path}")
   records = []

@@ -9,7 +9,13 @@ import shutil
 import pytest
 
 from sqllava_jax import cli
+from sqllava_jax.data.errors import BadRecord
+from sqllava_jax.data.tokenizer import Tokenizer
+from sqllava_jax.evaluation.engine import Engine
+from sqllava_jax.evaluation.suite import SuiteOptions, run_suite
+from sqllava_jax.training.checkpoint import load_model
 from tests.eval_helpers import make_tiny_run, spy_prompts
+from tests.eval_suite_data import make_eval_tree
 
 NEW = 4
 VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -132,3 +138,33 @@ def test_scienceqa_file_asks_each_problem(run, images, tmp_path, capsys, monkeyp
   answers = [json.loads(l) for l in open(tmp_path / "out" / "answers.jsonl")]
   assert [(a["question_id"], a["prompt"]) for a in answers] == [("4", f"<image>\n{q4}"),
                                                                 ("9", q9)]
+
+
+def test_eval_suite_counts_them_per_benchmark(run, tmp_path):
+  """eval-suite shares the path: LLaVA's ScienceQA file with its one image gone, a repeated
+  problem and a record without conversations; counted in the benchmark's `skipped` and its
+  note, the other problem answered; strict, the run stops naming the first bad record."""
+  data = make_eval_tree(str(tmp_path / "eval"),
+                        [os.path.join(run.data.image_folder, "eval_000000.png")])
+  os.remove(os.path.join(data, "scienceqa", "images", "test", "7", "image.png"))
+  path = os.path.join(data, "scienceqa", "llava_test_CQM-A.json")
+  with open(path) as f:
+    problems = json.load(f)
+  with open(path, "w") as f:
+    json.dump(problems + [problems[1], {"id": "9"}], f)
+  model, _ = load_model(run.ckpt)
+  engine = Engine(model, Tokenizer(run.data.tokenizer))
+  suite = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                       "eval", "paper.yaml")
+  options = lambda out, strict: SuiteOptions(
+      data_dir=data, out_dir=str(tmp_path / out), model_id="tiny", batch_size=2,
+      max_new_tokens=NEW, only=("scienceqa",), progress=False, strict=strict)
+  [b] = run_suite(engine, suite, options("out", False))["benchmarks"]
+  assert b["skipped"]["skipped_by_reason"] == {"missing_image": 1, "duplicate_question": 1,
+                                               "malformed_question": 1}
+  assert b["skipped"]["skipped_first"] == ["7", "8", "9"]
+  assert b["note"].startswith("skipped 3 records (75.0% of 4 read)")
+  answers = [json.loads(l) for l in open(tmp_path / "out" / "scienceqa" / "answers.jsonl")]
+  assert [a["question_id"] for a in answers] == ["8"]
+  with pytest.raises(BadRecord, match=r"\[duplicate_question\] record '8', index 2"):
+    run_suite(engine, suite, options("strict", True))

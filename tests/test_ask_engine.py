@@ -202,3 +202,13 @@ def test_two_processes_write_what_one_writes(run, folder, uninterrupted, tmp_pat
     with open(tmp_path / f"answers.{i}-of-2.jsonl") as f:
       mine = sorted({json.loads(line)["index"] for line in f})
     assert mine == [k for k in range(NUM_IMAGES) if (k % BATCH) // (BATCH // 2) == i]
+
+
+def test_an_images_questions_keep_their_order_past_ten(tmp_path):
+  from sqllava_jax.evaluation import eval_loop  # pylint: disable=g-import-not-at-top
+  lines = [{"index": i, "question_id": f"img{i}#{k}", "source_id": f"img{i}", "prompt": "p",
+            "text": f"q{k}", "description": "d", "answer": f"a{k}"}
+           for i in (1, 0) for k in range(12)]
+  eval_loop.write_jsonl(eval_loop.shard_path(str(tmp_path), 0, 1), lines)
+  merged = eval_loop.read_jsonl(eval_loop.merge_shards(str(tmp_path), 1, "m"))
+  assert [m["question_id"] for m in merged] == [f"img{i}#{k}" for i in (0, 1) for k in range(12)]

@@ -228,7 +228,9 @@ def merge_shards(out_dir: str, count: int, model_id: str) -> str:
       raise FileNotFoundError(f"{path} is missing: process {i} did not finish, or {out_dir} "
                               "is not on a file system every process shares")
     records += [r for r in read_jsonl(path) if "skipped" not in r]
-  records.sort(key=lambda r: (r["index"], str(r["question_id"])))
+  # Stable: the records of one question (self-questioning's asked questions) keep the
+  # order they were logged in, #2 before #10.
+  records.sort(key=lambda r: r["index"])
   merged = []
   for r in records:
     out = {k: v for k, v in r.items() if k != "index"}

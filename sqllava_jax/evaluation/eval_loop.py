@@ -204,7 +204,7 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
       lines += [{"index": s["index"], "skipped": _unindexed(s)} for s in batch_skipped]
       if on_batch is not None:
         on_batch(lines)
-      bar.update(sum(a for a in active) * process_count)
+      bar.update(sum(active) * process_count)
   bar.close()
   return records, [_unindexed(s) for s in skipped]
 

@@ -114,7 +114,8 @@ def test_asked_questions_become_vuser_turns_at_the_rate_sq_r(uninterrupted):
 
 
 def test_train_reads_the_records_back(run, folder, uninterrupted, tmp_path):
-  from sqllava_jax.config import MeshConfig  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.config import MeshConfig, replace  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.data.pipeline import make_example_builder  # pylint: disable=g-import-not-at-top
   from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from sqllava_jax.training.trainer import Trainer  # pylint: disable=g-import-not-at-top
   from tests.train_helpers import metrics  # pylint: disable=g-import-not-at-top
@@ -127,6 +128,16 @@ def test_train_reads_the_records_back(run, folder, uninterrupted, tmp_path):
   Trainer(cfg, mesh=mesh).run()
   [step] = [m for m in metrics(tmp_path) if "loss" in m]
   assert step["step"] == 1 and np.isfinite(step["loss"]) and step["loss"] > 0
+  # Every record builds (strict: a bad one raises); where sq_r made asked questions VUSER
+  # turns, their tokens carry a loss that sq_r=0 leaves out.
+  sq, plain = make_example_builder(cfg), make_example_builder(replace(cfg, **{"data.sq_r": 0.0}))
+  relabelled = 0
+  for i in range(len(sq)):
+    ex, base = sq.explain(i), plain.explain(i)
+    if any(role == VUSER for role, _ in ex.turns):
+      relabelled += 1
+      assert ex.tokens.num_trained > base.tokens.num_trained
+  assert relabelled, "sq_r=0.5 relabels some asked question"
 
 
 def _logged(out):

@@ -75,8 +75,8 @@ def _copy(shipped, tmp_path) -> str:
 
 
 @pytest.mark.parametrize("override, named", [
-    ("model.llm.num_layers=2", "model.llm"),
-    ("model.vision.select_layer=-1", "model.vision"),
+    ("model.llm.num_layers=2", "model.llm.num_layers: base 3, this run 2"),
+    ("model.vision.select_layer=-1", "model.vision.select_layer: base -2, this run -1"),
     ("data.synthetic.seed=1", "data.synthetic.seed: base 0, this run 1"),
     ("data.synthetic.num_train=4000", "data.synthetic.num_train"),
 ])

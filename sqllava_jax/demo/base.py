@@ -81,10 +81,18 @@ def recipe_config(cfg: Config) -> dict:
   return data
 
 
+def _leaves(prefix: str, value: Any) -> dict:
+  if isinstance(value, Mapping):
+    return {k: v for key, sub in value.items() for k, v in _leaves(f"{prefix}.{key}", sub).items()}
+  return {prefix: value}
+
+
 def compatibility(cfg_data: Mapping, format_version: int) -> dict:
-  """The recipe fields a base must share with the run (`MODEL_KEYS`, `SYNTHETIC_KEYS`)."""
+  """The recipe fields a base must share with the run (`MODEL_KEYS`, `SYNTHETIC_KEYS`), by
+  dotted name (`model.llm.num_layers`)."""
   synthetic = cfg_data["data"]["synthetic"]
-  return {**{f"model.{k}": cfg_data["model"][k] for k in MODEL_KEYS},
+  return {**{k: v for key in MODEL_KEYS for k, v in
+             _leaves(f"model.{key}", cfg_data["model"][key]).items()},
           **{f"data.synthetic.{k}": synthetic[k] for k in SYNTHETIC_KEYS},
           "synthetic format version": format_version}
 
@@ -126,7 +134,8 @@ def check(base_dir: str, cfg: Config) -> dict:
   verify_files(base_dir, recipe)
   theirs = compatibility(recipe["stage0_config"], recipe["synthetic_format_version"])
   ours = compatibility(configlib.to_dict(cfg), synthetic.FORMAT_VERSION)
-  diffs = [f"{k}: base {theirs[k]}, this run {ours[k]}" for k in ours if theirs[k] != ours[k]]
+  diffs = [f"{k}: base {theirs.get(k, 'unset')}, this run {v}" for k, v in ours.items()
+           if theirs.get(k, "unset") != v]
   if diffs:
     raise BaseMismatch(f"the stage-0 base in {base_dir} was made for another demo "
                        f"({'; '.join(diffs)}); {FIX}")

@@ -38,13 +38,16 @@ def _save(fig, path: str) -> str:
 
 def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], titles: Mapping[str, str],
                 path: str) -> str:
-  """One panel per stage (their scales differ), loss on a log axis against the step."""
+  """One panel per stage (their scales differ), loss against the step; on a log axis where
+  it falls by more than 10x (stage 0 from nothing), else linear."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
   for ax, (name, points) in zip(axes[0], curves.items()):
     if points:
-      ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.5, color="#0969da")
-      ax.set_yscale("log")
+      values = [p[1] for p in points]
+      ax.plot([p[0] for p in points], values, lw=1.5, color="#0969da")
+      if min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_yscale("log")
     else:
       ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
       ax.set_yticks([])

@@ -181,6 +181,7 @@ def _stage_section(name: str, s: Mapping) -> list[doc.Block]:
               f"sequences of at most {s['max_length']} tokens",
               f"trains: {trains}; frozen: {frozen}",
               f"parameter groups ({s['optimizer']}): {groups}",
+              ("when the base was made: " if "base_dir" in s else "") +
               f"{s['steps']} steps of {s['batch_size']} examples; loss "
               f"{_num(s['first_loss'])} -> {_num(s['final_loss'])} (mean of the last 10 steps "
               f"{_num(s['final_mean'])}); {s['wall_s']:.0f} s in the training loop"))]

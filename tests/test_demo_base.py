@@ -142,3 +142,18 @@ def test_the_base_ships_as_package_data():
   for name in shipped:
     assert any(fnmatch.fnmatch(f"base/{name}", p) for p in patterns), (name, patterns)
   assert os.path.samefile(base.shipped_dir(), os.path.join(package, "base"))
+
+
+def test_a_base_whose_tensors_do_not_fit_its_model_is_refused(shipped):
+  from safetensors.numpy import load_file
+  folder, recipe = shipped
+  cfg = base.base_config(recipe, [])
+  tensors = load_file(os.path.join(folder, base.PARAMS))
+  name = sorted(tensors)[0]
+  fewer = {k: v for k, v in tensors.items() if k != name}
+  with pytest.raises(base.BaseMismatch, match=f"missing \\['{name}'\\], unexpected none"):
+    base._param_arrays(cfg, fewer, "params.safetensors")
+  wrong = {**tensors, name: tensors[name][None]}  # one more axis
+  with pytest.raises(base.BaseMismatch, match=f"tensor {name} is float32.*the model wants"):
+    base._param_arrays(cfg, wrong, "params.safetensors")
+  assert len(base._param_arrays(cfg, tensors, "params.safetensors")) == len(tensors)

@@ -111,6 +111,18 @@ def test_sharded_restore_and_composite_decoding(run):
   np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
+@needs_8
+def test_one_prompt_on_an_fsdp_mesh_runs_padded(pair, prompts):
+  """8 batch slices, 3 prompts: the batch is padded to 8 rows and only 3 come back."""
+  _, ours = pair
+  gen = Generator(ours, eos_id=2, pad_id=0, mesh=mesh(MESHES["fsdp"]), unstack_layers=False)
+  got = gen.generate(prompts[:3], max_new_tokens=NEW)
+  one = Generator(ours, eos_id=2, pad_id=0, unstack_layers=False).generate(
+      prompts[:3], max_new_tokens=NEW)
+  assert got.tokens.shape == (3, NEW)
+  np.testing.assert_array_equal(got.tokens, one.tokens)
+
+
 def test_mesh_spec_errors():
   with pytest.raises(ValueError, match="expected data=N,fsdp=N,tensor=N"):
     loading.mesh_config("data=2,pipeline=4")

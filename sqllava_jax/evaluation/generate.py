@@ -30,7 +30,7 @@ from sqllava_jax.evaluation.inference_program import InferenceProgram, trace_cou
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
 
-__all__ = ["Generated", "Generator", "bucket_length", "left_pad", "trace_count"]
+__all__ = ["Generated", "Generator", "bucket_length", "left_pad", "pad_rows", "trace_count"]
 
 
 def bucket_length(n: int, *, min_length: int = 16, step: int = 128) -> int:
@@ -121,11 +121,24 @@ class Generator:
     if self.mesh is not None:  # every process must run the same program
       length = data_parallel.agree_max(length)
     ids, mask = left_pad(prompts, length, self.pad_id)
-    inputs = self.program.global_batch((ids, pixels, mask))
+    inputs = pad_rows((ids, pixels, mask), self.program.rows_multiple())
+    inputs = self.program.global_batch(inputs)
     tokens, num_new = self.program.generate(
         self.state, self.layer_states, *inputs, jax.random.key(seed), sampling.arrays(),
         max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=self.eos_id,
         pad_id=self.pad_id)
     if self.mesh is not None:
       tokens, num_new = data_parallel.local_rows(tokens), data_parallel.local_rows(num_new)
-    return Generated(np.asarray(tokens), np.asarray(num_new))
+    rows = len(prompts)
+    return Generated(np.asarray(tokens)[:rows], np.asarray(num_new)[:rows])
+
+
+def pad_rows(arrays: Sequence[Optional[np.ndarray]], multiple: int) -> tuple:
+  """Each array (None passes through) with its last row repeated up to a multiple of
+  `multiple` rows: a batch the mesh's batch slices cannot split evenly (one prompt on an
+  fsdp=8 mesh) runs padded, and the padding rows' answers are dropped."""
+  out = []
+  for a in arrays:
+    extra = -len(a) % multiple if a is not None else 0
+    out.append(a if not extra else np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]))
+  return tuple(out)

@@ -217,6 +217,11 @@ class InferenceProgram:
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(self.mesh.shape[a] for a in axes)
 
+  def rows_multiple(self) -> int:
+    """What each process's row count must be a multiple of for the batch to split evenly."""
+    ways = self.batch_ways()
+    return ways // math.gcd(ways, jax.process_count())
+
   def global_batch(self, arrays) -> tuple:
     """This process's rows of each array (None passes through) -> global arrays split over
     the batch axes (as they are without a mesh)."""

@@ -1,6 +1,6 @@
 """Tokens/s of batched greedy generation: ours vs transformers' `generate` on the same weights.
 
-    python benchmarks/generate.py [--repeats 3] [--batches 1 8] [--layers 8]
+    python benchmarks/generate.py [--repeats 3] [--batches 1 8] [--layers 8] [--profile]
 
 A mid-size random LLaMA (width 1024, 8 layers, 16 heads, MLP 2816, vocab 32000, fp32),
 prompts of 32 tokens, 128 new tokens (no row stops early). Each implementation runs in a
@@ -9,6 +9,8 @@ other down); runs alternate between the two and report medians. Decoding one tok
 batch 1 reads every weight once, so the effective weight-read rate per decode step is
 compared with the machine's memory bandwidth, measured here with a large numpy copy and a
 jitted sum. Report the load average with the numbers: the machine may be shared.
+`--profile` also traces one of our runs per batch size with `jax.profiler` and prints where
+its device time goes, per operation (the shares hold on a busy machine too).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def parse_args():
   p.add_argument("--mlp", type=int, default=2816)
   p.add_argument("--vocab", type=int, default=32000)
   p.add_argument("--skip-hf", action=argparse.BooleanOptionalAction, default=False)
+  p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
+                 help="print our per-operation time breakdown at each batch size")
   return p.parse_args()
 
 
@@ -106,12 +110,45 @@ class OursWorker:
   def info(self) -> dict:
     return {"header": self.header, "bandwidth": self.bandwidth}
 
+  def profile(self, prompts, new: int) -> list[tuple[float, str]]:
+    return profile_breakdown(self.generator, prompts, new)
+
   def run(self, prompts, new: int) -> float:
     start = time.perf_counter()
     out = self.generator.generate(prompts, max_new_tokens=new)
     elapsed = time.perf_counter() - start
     assert int(out.num_new.min()) == new, out.num_new
     return elapsed
+
+
+def profile_breakdown(generator, prompts, new: int, top: int = 12) -> list[tuple[float, str]]:
+  """(share of the program's time, 'result shape  operation') of the biggest operations of
+  one traced `generate`: each XLA thunk's time, summed by the HLO instruction's result
+  shape and the JAX operation it comes from (the compiled program's metadata)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  hlo = generator.program.lower(len(prompts), len(prompts[0]), new).compile().as_text()
+  names = {}
+  for line in hlo.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%([^\s=]+) = (\S+) .*?op_name="([^"]*)"', line)
+    if m:
+      names[m.group(1)] = f"{m.group(2).split('{')[0]:<22} {m.group(3).split('/')[-1]}"
+  with tempfile.TemporaryDirectory() as trace:
+    jax.profiler.start_trace(trace)
+    generator.generate(prompts, max_new_tokens=new)
+    jax.profiler.stop_trace()
+    data = jax.profiler.ProfileData.from_file(
+        sorted(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True))[-1])
+  spent = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in names:
+          spent[names[event.name]] += event.duration_ns
+  total = sum(spent.values()) or 1
+  return [(ns / total, name) for name, ns in spent.most_common(top)]
 
 
 def weight_bytes_per_step(args) -> int:
@@ -175,6 +212,9 @@ def main() -> None:
     for batch in args.batches:
       prompts = rng.integers(3, args.vocab, size=(batch, args.prompt)).tolist()
       report(batch, measure(sides, prompts, args), args, bandwidth)
+      if args.profile:
+        for share, name in ours.call("profile", prompts, args.new):
+          print(f"  profile batch {batch:>2}: {100 * share:5.1f} %  {name}")
       print(f"load average now {os.getloadavg()}", flush=True)
   print(f"load average after: {os.getloadavg()}")
 

@@ -65,10 +65,10 @@ class KVCache:
 
 
 class LayerCache(NamedTuple):
-  """What one layer gets of the cache: the stacked k, v [L, B, K, S, H], its own index in
-  them, the first slot to write, and whether the cache held nothing before (a prefill: the
-  new tokens attend only to each other, through the training attention, and are then
-  written; no [T, S] scores over the whole cache)."""
+  """What one layer gets of the cache: the stacked k, v [L, B, K, S, H] and its own index
+  in them, or (layer None) its own k, v [B, K, S, H]; the first slot to write; and whether
+  the cache held nothing before (a prefill: the new tokens attend only to each other,
+  through the training attention, and are then written; no [T, S] scores over the cache)."""
   k: jax.Array
   v: jax.Array
   layer: Any
@@ -76,11 +76,14 @@ class LayerCache(NamedTuple):
   fresh: bool = False
 
 
-def write_slots(stacked: jax.Array, new: jax.Array, layer, index) -> jax.Array:
-  """stacked [L, B, K, S, H] with new [B, T, K, H] written at layer `layer`, slots
-  index..index+T-1, in place (only the new slots are written)."""
-  new = new.swapaxes(1, 2).astype(stacked.dtype)[None]
-  out = jax.lax.dynamic_update_slice(stacked, new, (layer, 0, 0, index, 0))
+def write_slots(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
+  """cache [L, B, K, S, H] (or [B, K, S, H] when `layer` is None) with new [B, T, K, H]
+  written at layer `layer`, slots index..index+T-1, in place (only the new slots)."""
+  new = new.swapaxes(1, 2).astype(cache.dtype)
+  if layer is None:
+    out = jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return L.shard_activation(out, CACHE_AXES)
+  out = jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
   return L.shard_activation(out, STACKED_CACHE_AXES)
 
 
@@ -134,8 +137,9 @@ class Attention(nnx.Module):
       ck, cv = write_slots(c.k, k, c.layer, c.index), write_slots(c.v, v, c.layer, c.index)
       new_kv = (ck, cv)
     if cache_kv is not None and not cache_kv.fresh:
-      keys = L.shard_activation(ck[c.layer].astype(q.dtype), CACHE_AXES)
-      values = L.shard_activation(cv[c.layer].astype(q.dtype), CACHE_AXES)
+      this_k, this_v = (ck, cv) if c.layer is None else (ck[c.layer], cv[c.layer])
+      keys = L.shard_activation(this_k.astype(q.dtype), CACHE_AXES)
+      values = L.shard_activation(this_v.astype(q.dtype), CACHE_AXES)
       out = cache_attention(q, keys, values, masking)
     out = L.shard_activation(out, ("batch", "length", "heads", None))
     return self.o_proj(out.reshape(b, t, -1), fold_rng(rng, 3)), new_kv
@@ -281,18 +285,18 @@ class Llama(nnx.Module):
 
 
 def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs, fresh: bool):
-  """The decoder layers in turn, each with its own cache arrays [B, K, S, H] (seen by the
-  layer as a stack of one, a free reshape; updated in place)."""
+  """The decoder layers in turn, each with its own cache arrays [B, K, S, H] (updated in
+  place)."""
   if len(cache.k) != len(layers):
     raise ValueError(f"{len(layers)} unstacked layers but a per-layer KV cache of "
                      f"{len(cache.k)}: KVCache.init(..., per_layer=True) for this model")
   ks, vs = [], []
   for i, layer in enumerate(layers):
     layer_rng = None if rngs is None else rngs[i]
-    slot = LayerCache(cache.k[i][None], cache.v[i][None], 0, cache.index, fresh)
+    slot = LayerCache(cache.k[i], cache.v[i], None, cache.index, fresh)
     x, (k, v) = layer(x, positions, mask, slot, layer_rng)
-    ks.append(k[0])
-    vs.append(v[0])
+    ks.append(k)
+    vs.append(v)
   return x, tuple(ks), tuple(vs)
 
 

@@ -62,6 +62,13 @@ def _parameters(program) -> dict:
   return {"trainable": trainable, "frozen": sum(sizes.values()) - trainable}
 
 
+def _buffer_lines(buffers: list[dict]) -> list[str]:
+  if not buffers:
+    return []
+  return ["", "biggest buffers live at the peak"] + [
+      f"  {_bytes(b['bytes'])}  {b['shape']:<28} {b['buffer']}  {b['op']}" for b in buffers]
+
+
 def _bytes(n: float) -> str:
   for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
     if n >= size:
@@ -99,10 +106,7 @@ def text(s: dict) -> str:
       f"{_bytes(mem['alias_bytes']).strip()}",
       f"  peak         {_bytes(mem['peak_bytes'])}  arguments + temporaries + unaliased output",
   ]
-  if s["peak_buffers"]:
-    lines += ["", "biggest buffers live at the peak"]
-    lines += [f"  {_bytes(b['bytes'])}  {b['shape']:<28} {b['buffer']}  {b['op']}"
-              for b in s["peak_buffers"]]
+  lines += _buffer_lines(s["peak_buffers"])
   unit, size = _flop_unit(s["flops_per_step"])
   cell = lambda v: f"{v / size:12.2f}"
   lines += ["", f"model FLOPs per step, analytical ({unit}; every row of the global batch)",
@@ -164,8 +168,5 @@ def inference_text(s: dict) -> str:
       f"  peak         {_bytes(mem['peak_bytes'])}  weights + inputs + temporaries + output "
       f"(the program reads {_bytes(mem['argument_bytes']).strip()} of its arguments)",
   ]
-  if s["peak_buffers"]:
-    lines += ["", "biggest buffers live at the peak"]
-    lines += [f"  {_bytes(b['bytes'])}  {b['shape']:<28} {b['buffer']}  {b['op']}"
-              for b in s["peak_buffers"]]
+  lines += _buffer_lines(s["peak_buffers"])
   return "\n".join(lines)

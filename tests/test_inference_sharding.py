@@ -3,6 +3,8 @@ data and fsdp, the KV cache over batch and kv heads. Greedy tokens must be those
 device and of transformers' `generate` on the same weights; a sharded restore must leave
 each device only its shards."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -128,3 +130,17 @@ def test_mesh_spec_errors():
     loading.mesh_config("data=2,pipeline=4")
   assert loading.mesh_config("fsdp=8") == MeshConfig(data=-1, fsdp=8, tensor=1)
   assert loading.mesh_config(None) is None
+
+
+@needs_8
+def test_generate_command_takes_a_mesh(run, capsys):
+  """`generate --mesh`: the flag every inference command shares (loading.py); one prompt
+  on an fsdp=8 mesh answers as on one device."""
+  from sqllava_jax import cli  # pylint: disable=g-import-not-at-top
+  argv = ["generate", "--ckpt", run.ckpt, "--prompt", "What is shown?", "--image", run.image,
+          "--max-new-tokens", "3", "--json"]
+  outs = []
+  for extra in ([], ["--mesh", "data=1,fsdp=8"]):
+    assert cli.main(argv + extra) == 0
+    outs.append(capsys.readouterr().out.strip().splitlines()[-1])
+  assert outs[0] == outs[1] and len(json.loads(outs[0])["token_ids"]) == 3, outs

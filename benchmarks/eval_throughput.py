@@ -69,7 +69,7 @@ class OursWorker:
     import jax  # pylint: disable=g-import-not-at-top
     from sqllava_jax.evaluation import eval_loop, loading  # pylint: disable=g-import-not-at-top
     from sqllava_jax.evaluation.engine import Engine  # pylint: disable=g-import-not-at-top
-    from sqllava_jax.evaluation.questions import load_questions  # pylint: disable=g-import-not-at-top
+    from sqllava_jax.evaluation.questions import load_questions
     model, cfg = loading.load_for_inference(files["ckpt"])
     self.engine = Engine(model, loading.tokenizer_for(cfg, files["ckpt"]))
     self.questions = load_questions(files["questions"])[:args.questions]
@@ -94,7 +94,7 @@ class ReferenceWorker:
   def __init__(self, files: dict, args):
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
-    from sqllava_jax.evaluation.questions import load_questions  # pylint: disable=g-import-not-at-top
+    from sqllava_jax.evaluation.questions import load_questions
     self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
         files["hf"], torch_dtype=torch.float32).eval()
     self.processor = transformers.AutoProcessor.from_pretrained(files["hf"])
@@ -108,7 +108,7 @@ class ReferenceWorker:
   def run(self, limit: int) -> tuple[float, list[str]]:
     import torch  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    from sqllava_jax.evaluation.prompts import question_prompt  # pylint: disable=g-import-not-at-top
+    from sqllava_jax.evaluation.prompts import question_prompt
     start, texts = time.perf_counter(), []
     for q in self.questions[:limit]:
       image = Image.open(os.path.join(self.images, q["image"])).convert("RGB")

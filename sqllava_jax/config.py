@@ -118,7 +118,8 @@ class LLMConfig:
              f"llm.hidden_size={self.hidden_size} not divisible by llm.num_heads={self.num_heads}")
 
   @property
-  def dim_per_head(self) -> int:
+  def effective_head_dim(self) -> int:
+    """`head_dim` when set, else hidden_size / num_heads (as transformers derives it)."""
     return self.head_dim or self.hidden_size // self.num_heads
 
   @classmethod
@@ -145,7 +146,7 @@ class LLMConfig:
                 vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                 intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                 num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                head_dim=self.dim_per_head, rms_norm_eps=self.rms_norm_eps,
+                head_dim=self.effective_head_dim, rms_norm_eps=self.rms_norm_eps,
                 rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
                 tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
                 attention_bias=False, mlp_bias=False, bos_token_id=self.bos_token_id,

@@ -189,7 +189,7 @@ def test_sqllava_export_imports_back(cluster, exports, tmp_path):
                  "--out", tmp_path / "back") == 0
   back, back_cfg = load_model(str(tmp_path / "back"))
   # The original's transformers-4.31 config.json has no head_dim (it is hidden / heads).
-  assert back_cfg.model.llm.dim_per_head == cfg.model.llm.dim_per_head
+  assert back_cfg.model.llm.effective_head_dim == cfg.model.llm.effective_head_dim
   llm = dataclasses.replace(cfg.model.llm, head_dim=None)
   assert back_cfg.model == dataclasses.replace(cfg.model, llm=llm)
   n = cfg.model.num_image_tokens

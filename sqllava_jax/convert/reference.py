@@ -113,8 +113,8 @@ def check_original_llm(llm: LLMConfig) -> None:
   if llm.rope_theta != ROPE_THETA_431:
     raise CheckpointError(f"the LLM uses rope_theta={llm.rope_theta}; the original's "
                           f"transformers 4.31 always uses {ROPE_THETA_431}: export it as llama")
-  if llm.dim_per_head * llm.num_heads != llm.hidden_size:
-    raise CheckpointError(f"the LLM's head_dim={llm.dim_per_head} is not hidden_size / num_heads "
+  if llm.effective_head_dim * llm.num_heads != llm.hidden_size:
+    raise CheckpointError(f"the LLM's head_dim={llm.effective_head_dim} is not hidden_size / num_heads "
                           f"({llm.hidden_size} / {llm.num_heads}), which transformers 4.31 "
                           "assumes: export it as llama")
 

@@ -49,7 +49,7 @@ class KVCache:
   def init(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.float32, *,
            per_layer: bool = False) -> "KVCache":
     """Zeros, sharded like `CACHE_AXES` under active axis rules."""
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.effective_head_dim)
     if per_layer:
       zeros = lambda: tuple(L.shard_activation(jnp.zeros(shape, dtype), CACHE_AXES)
                             for _ in range(cfg.num_layers))
@@ -108,7 +108,7 @@ def cache_mask(valid: jax.Array, index: jax.Array, t: int) -> jax.Array:
 
 class Attention(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, make_linear, impl: str, block_size: int):
-    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.effective_head_dim
     self.theta = cfg.rope_theta
     self.impl, self.block_size = impl, block_size
     d, nh, nk = cfg.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

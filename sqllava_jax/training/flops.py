@@ -130,7 +130,7 @@ def llm_flops(cfg: LLMConfig, lora: LoRAConfig, rows: float, seq_len: int, train
               grad_in: bool) -> dict[str, Flops]:
   """Decoder layers (every position of `rows` sequences), attention scores, and the lm_head.
   `grad_in`: something before the lm_head trains, so gradients flow through every layer."""
-  d, hd, f = cfg.hidden_size, cfg.dim_per_head, cfg.intermediate_size
+  d, hd, f = cfg.hidden_size, cfg.effective_head_dim, cfg.intermediate_size
   q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
   tok, base = rows * seq_len, "llm/layers"
   shapes = {"self_attn/q_proj": (d, q), "self_attn/k_proj": (d, kv), "self_attn/v_proj": (d, kv),

@@ -171,7 +171,7 @@ def kv_cache_bytes(cfg: Config, program, batch: int, slots: int) -> int:
   from sqllava_jax.models.llama import STACKED_CACHE_AXES
   from sqllava_jax.parallel.mesh import logical_sharding
   llm = cfg.model.llm
-  shape = (llm.num_layers, batch, llm.num_kv_heads, slots, llm.dim_per_head)
+  shape = (llm.num_layers, batch, llm.num_kv_heads, slots, llm.effective_head_dim)
   sharding = logical_sharding(STACKED_CACHE_AXES, shape, program.mesh, program.rules)
   itemsize = jnp.dtype(dtype_of(cfg.model.compute_dtype)).itemsize
   return 2 * math.prod(sharding.shard_shape(shape)) * itemsize

@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
   from sqllava_jax.demo.timing import Timings
   timings = Timings()  # before the heavy imports, so that the wall time covers them
   from sqllava_jax.demo.run import DemoOptions, StageInterrupted, run_demo
+  from sqllava_jax.models.layers import unroll_threefry_on_cpu
+  unroll_threefry_on_cpu()  # the stages train; process-wide: see its docstring
   options = DemoOptions(out=args.out, fast=args.fast, overwrite=args.overwrite,
                         overrides=tuple(args.overrides), plan=_plan(args),
                         from_scratch=args.from_scratch, base=args.base)

@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
   resolve_shape(cfg.mesh, args.devices)  # a bad mesh fails here, before any compile
   if not fresh and not _has_devices(args.devices):
     return _child(args)
+  from sqllava_jax.models.layers import unroll_threefry_on_cpu
   from sqllava_jax.training import plan_report, planner
+  unroll_threefry_on_cpu()  # as training lowers its dropout masks (process-wide: see there)
   if args.inference:
     return _run_inference(args, cfg, start)
   batch = args.batch or cfg.train.per_device_batch_size

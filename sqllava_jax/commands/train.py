@@ -26,10 +26,12 @@ def run(args: argparse.Namespace) -> int:
   from sqllava_jax.parallel.multihost import maybe_initialize_distributed
   maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from sqllava_jax.config import load_config
+  from sqllava_jax.models.layers import unroll_threefry_on_cpu
   from sqllava_jax.training.trainer import Trainer
   from sqllava_jax.training.checkpoint import CheckpointSaveError, DamagedCheckpointError
   from sqllava_jax.training.run_lock import OutputDirLockedError
   cfg = load_config(args.config, args.overrides)
+  unroll_threefry_on_cpu()  # process-wide: see its docstring
   try:
     summary = Trainer(cfg).run()
   except (OutputDirLockedError, DamagedCheckpointError, CheckpointSaveError) as e:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from sqllava_jax.data import packing
 from sqllava_jax.data.errors import SkipLog, Skipped
@@ -157,10 +158,13 @@ class Pipeline(grain.IterDataset):
     return PipelineIterator(self._parent.__iter__(), log_first=self._log_first)
 
 
-def _mark_absl_flags_parsed() -> None:
-  # Grain's worker processes read absl flags, which only absl-based programs parse; this
-  # CLI is argparse-based, so the defaults are taken as parsed.
-  from absl import flags  # pylint: disable=g-import-not-at-top
+def take_absl_flags_as_parsed() -> None:
+  """Marks absl's flags as parsed, with their defaults, for the whole process.
+
+  Grain's worker prefetch reads its settings from absl flags, which only absl-based programs
+  parse; this project's commands use argparse, and a library caller may use neither. So
+  `make_pipeline` calls this, once, before it starts worker processes (a no-op when a program
+  has parsed them already); nothing else touches absl's state."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -252,7 +256,7 @@ def make_pipeline(cfg, *, batch_size: int, num_image_tokens: Optional[int] = Non
                     buckets=tuple(data.length_buckets), max_length=data.max_length,
                     image_size=image_size, pad_id=pad_id, packed=packed)
   if num_workers > 0:
-    _mark_absl_flags_parsed()
+    take_absl_flags_as_parsed()  # Grain's workers read absl flags: see there
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=data.prefetch))
   return Pipeline(ds, log_first=data.log_first_bad, num_records=num_records)

@@ -34,20 +34,36 @@ def param(value: jax.Array, axes: Sequence[Optional[str]]) -> nnx.Param:
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def unrolled_threefry_on_cpu() -> bool:
+_threefry_unrolled = False
+
+
+def unroll_threefry_on_cpu() -> bool:
   """Lowers JAX's threefry RNG on CPU unrolled, as GPU and TPU do, for programs lowered from
   now on. The CPU default is a rolled loop that XLA runs as whole-array passes (and whose
   state it keeps in memory for the whole mask); unrolled, the rounds fuse into one vectorised
   loop: the same algorithm and the same bits, and the dropout masks of a train step about 20x
-  faster on CPU. Returns False where this JAX version lacks the rule (the rules are JAX
-  internals; nothing changes then, only speed)."""
+  faster on CPU.
+
+  This changes how JAX lowers every later program of the process, so nothing calls it on
+  import or construction: the commands that train or plan (`train`, `plan`, `demo`) and the
+  benchmarks call it once, first; a library user who wants the speed calls it too. Returns
+  False where this JAX version lacks the rule (the rules are JAX internals; nothing changes
+  then, only speed)."""
+  global _threefry_unrolled
   try:
+    # JAX internals, imported only here: a JAX without them still runs everything else.
     from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
     from jax._src.random import threefry2x32 as tf  # pylint: disable=g-import-not-at-top
     mlir.register_lowering(tf.threefry2x32_p, tf._threefry2x32_lowering_rule, platform="cpu")
   except (ImportError, AttributeError):
     return False
+  _threefry_unrolled = True
   return True
+
+
+def threefry_unrolled_on_cpu() -> bool:
+  """Whether `unroll_threefry_on_cpu` has put its rule in place in this process."""
+  return _threefry_unrolled
 
 
 def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:

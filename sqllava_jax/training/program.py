@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sqllava_jax.config import Config
-from sqllava_jax.models.layers import unrolled_threefry_on_cpu
+from sqllava_jax.models.layers import threefry_unrolled_on_cpu
 from sqllava_jax.models.sqllava import abstract_model
 from sqllava_jax.parallel.mesh import replicated
 from sqllava_jax.training import optimizer as opt
@@ -28,7 +28,7 @@ DEVICE_KEYS = MODEL_INPUTS + ("attention_mask",)
 class TrainProgram:
   def __init__(self, cfg: Config, mesh: Mesh, total_steps: int):
     self.cfg, self.mesh, self.rules, self.total_steps = cfg, mesh, cfg.mesh.rules, total_steps
-    self.rng_unrolled = unrolled_threefry_on_cpu()  # dropout masks: same bits, fused on CPU
+    self.rng_unrolled = threefry_unrolled_on_cpu()  # dropout masks fused on CPU (planner reports it)
     model = abstract_model(cfg.model)
     self.graphdef = nnx.split(model)[0]
     abs_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -15,7 +15,8 @@ from sqllava_jax.models.sqllava import abstract_model
 from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.config import MeshConfig
 from sqllava_jax.training import optimizer as opt
-from sqllava_jax.training.loss import IGNORE, chunked_cross_entropy, fused_cross_entropy
+from sqllava_jax.data.labels import IGNORE_INDEX
+from sqllava_jax.training.loss import chunked_cross_entropy, fused_cross_entropy
 from sqllava_jax.training.step import forward_loss
 from sqllava_jax.training.trainer import NonFiniteError, Trainer
 from tests.train_helpers import host_params, metrics, tiny_cfg, trainable
@@ -121,12 +122,12 @@ def test_chunked_cross_entropy_equals_the_full_computation():
   hidden = rng.normal(size=(2, 13, 8)).astype(np.float32)
   kernel = rng.normal(size=(8, 50)).astype(np.float32)
   targets = rng.integers(0, 50, size=(2, 13))
-  targets[0, :4] = IGNORE
-  targets[1, -3:] = IGNORE
+  targets[0, :4] = IGNORE_INDEX
+  targets[1, -3:] = IGNORE_INDEX
   logits = hidden @ kernel
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
-  valid = targets != IGNORE
+  valid = targets != IGNORE_INDEX
   expected = -np.take_along_axis(logp, np.where(valid, targets, 0)[..., None], -1)[..., 0][valid].sum()
   for chunk in (1, 4, 5, 13, 64):
     total, count = chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(kernel),
@@ -143,10 +144,10 @@ def test_fused_cross_entropy_equals_the_chunked_one_with_gradients(kernel_grad):
   hidden = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
   targets = rng.integers(0, 50, size=(3, 13))
-  targets[0, :4] = IGNORE
+  targets[0, :4] = IGNORE_INDEX
   # scattered targets (moved to the front before chunking) and a row with none
-  targets[1, rng.permutation(13)[:9]] = IGNORE
-  targets[2] = IGNORE
+  targets[1, rng.permutation(13)[:9]] = IGNORE_INDEX
+  targets[2] = IGNORE_INDEX
   targets = jnp.asarray(targets)
   hidden = jnp.concatenate([hidden, hidden[:1] * 0.5], axis=0)
   argnums = (0, 1) if kernel_grad else 0

@@ -1,8 +1,9 @@
 """Teacher-forced loss and perplexity on a held-out set (the training labels, no sampling).
 
 Batches come from the training input pipeline (same template, labels and image handling),
-read once in order; each process reads its shard. The jitted step projects to the
-vocabulary a chunk of positions at a time, so [B, T, V] logits never exist at once.
+read once in order; each process reads its shard. The loss is the training step's
+(`training.step.forward_loss`), which projects to the vocabulary a chunk of positions at a
+time, so [B, T, V] logits never exist at once.
 Perplexity is exp(total loss / trained tokens) over the whole set.
 """
 
@@ -15,49 +16,24 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sqllava_jax.evaluation import data_parallel as dp
+from sqllava_jax.data.labels import IGNORE_INDEX
+from sqllava_jax.evaluation import data_parallel
+from sqllava_jax.training.step import MODEL_INPUTS, forward_loss
 
-IGNORE = -100
-STEP_KEYS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values")
-
-
-def summed_loss(hidden: jax.Array, kernel: jax.Array, labels: jax.Array,
-                chunk: int = 256) -> tuple[jax.Array, jax.Array]:
-  """hidden [B, T, D], kernel [D, V], labels int[B, T] (unshifted, IGNORE: no loss).
-  Position t predicts labels[t + 1]. Returns (sum of token losses, trained tokens), float32."""
-  b, t, d = hidden.shape
-  targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
-  chunk = min(chunk, t)
-  pad = (-t) % chunk
-  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
-  n = (t + pad) // chunk
-
-  def one(args):
-    h, tgt = args  # [B, C, D], [B, C]
-    logits = (h @ kernel.astype(h.dtype)).astype(jnp.float32)
-    valid = tgt != IGNORE
-    picked = jnp.take_along_axis(logits, jnp.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
-    losses = jax.nn.logsumexp(logits, axis=-1) - picked
-    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid).astype(jnp.float32)
-
-  hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
-  ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-  sums, counts = jax.lax.map(one, (hs, ts))
-  return sums.sum(), counts.sum()
+# Positions projected onto the vocabulary at once.
+LOGITS_CHUNK = 256
+_PER_TOKEN = tuple(k for k in MODEL_INPUTS if k != "pixel_values")  # the [B, T] arrays
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _loss_step(graphdef, state, batch):
-  model = nnx.merge(graphdef, state)
-  hidden, _ = model(batch["input_ids"], batch["pixel_values"], batch["positions"],
-                    segment_ids=batch["segment_ids"])
-  return summed_loss(hidden, model.llm.output_kernel(), batch["labels"])
+  """(sum, count) of the training loss, without dropout. Segment ids always: on unpacked rows
+  they change nothing, on packed ones they keep examples apart."""
+  return forward_loss(graphdef, state, batch, None, LOGITS_CHUNK, packed=True)
 
 
 def pad_length(batch: dict, length: int) -> dict:
@@ -65,16 +41,15 @@ def pad_length(batch: dict, length: int) -> dict:
   extra = length - batch["input_ids"].shape[1]
   if extra == 0:
     return batch
-  fill = {"labels": IGNORE}
+  fill = {"labels": IGNORE_INDEX}
   return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill.get(k, 0))
-          if k in ("input_ids", "labels", "positions", "segment_ids") else v
-          for k, v in batch.items()}
+          if k in _PER_TOKEN else v for k, v in batch.items()}
 
 
 def blank_batch(rows: int, length: int, image_size: int) -> dict:
   """A batch with no trained token (for a process whose shard ran out before the others')."""
-  batch = {k: np.zeros((rows, length), np.int32) for k in STEP_KEYS if k != "pixel_values"}
-  batch["labels"][:] = IGNORE
+  batch = {k: np.zeros((rows, length), np.int32) for k in _PER_TOKEN}
+  batch["labels"][:] = IGNORE_INDEX
   batch["pixel_values"] = np.zeros((rows, image_size, image_size, 3), np.float32)
   return batch
 
@@ -91,14 +66,14 @@ class _Totals:
 
 
 def _next_batch(it, rows: int, cfg) -> dict:
-  """The next batch's STEP_KEYS arrays, blank once this process's data has ended."""
+  """The next batch's MODEL_INPUTS arrays, blank once this process's data has ended."""
   batch = next(it, None)
   if batch is None:
     batch = blank_batch(rows, cfg.data.max_length, cfg.model.vision.image_size)
   else:
-    batch = {k: batch[k] for k in STEP_KEYS}
+    batch = {k: batch[k] for k in MODEL_INPUTS}
   # Processes pad to the same length so that they run the same program.
-  return pad_length(batch, dp.agree_max(batch["input_ids"].shape[1]))
+  return pad_length(batch, data_parallel.agree_max(batch["input_ids"].shape[1]))
 
 
 def evaluate_loss(model: nnx.Module, cfg, *, batch_size: int,
@@ -112,17 +87,17 @@ def evaluate_loss(model: nnx.Module, cfg, *, batch_size: int,
   rows = batch_size // count
   pipeline = make_pipeline(cfg, batch_size=rows, shuffle=False, num_epochs=1,
                            drop_remainder=False, num_workers=0)
-  steps = dp.agree_max(max(1, -(-pipeline.num_records // rows)))
+  steps = data_parallel.agree_max(max(1, -(-pipeline.num_records // rows)))
   graphdef, state = nnx.split(model)
   if mesh is not None:
-    state = jax.device_put(state, dp.replicated(mesh))
+    state = jax.device_put(state, data_parallel.replicated(mesh))
   totals, start = _Totals(), time.perf_counter()
   it = iter(pipeline)
   bar = tqdm(total=steps, unit="batch", desc="loss", disable=not progress or jax.process_index())
   for _ in range(steps):
     batch = _next_batch(it, rows, cfg)
     if mesh is not None:
-      batch = dict(zip(batch, dp.shard_batch(mesh, list(batch.values()))))
+      batch = dict(zip(batch, data_parallel.shard_batch(mesh, list(batch.values()))))
     totals.add(_loss_step(graphdef, state, batch))
     bar.update(1)
   bar.close()

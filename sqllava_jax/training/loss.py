@@ -6,8 +6,10 @@ logits under `jax.checkpoint`); `fused_cross_entropy` computes the same value an
 differentiated, forms each chunk's gradient (softmax - one-hot) while its logits are at
 hand: no second vocabulary projection, no [D, V] weight gradient unless the output kernel
 trains, and no projection at all of chunks without a trained position (each row's trained
-positions are moved to the front first). Losses are returned as a sum with the count of
-trained tokens; callers normalise over the global batch and every accumulation step.
+positions are moved to the front first). `next_token_loss` shifts HF-style labels onto
+their targets first; training and the held-out loss both call it. Losses are returned as a
+sum with the count of trained tokens; callers normalise over the global batch and every
+accumulation step.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE = -100
+from sqllava_jax.data.labels import IGNORE_INDEX
 
 
 def shift_targets(labels: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
@@ -28,18 +30,18 @@ def shift_targets(labels: jax.Array, segment_ids: Optional[jax.Array] = None) ->
 
   With segment ids (packed rows), the last token of an example predicts nothing: the next
   position starts another example."""
-  pad = jnp.full(labels.shape[:1] + (1,), IGNORE, labels.dtype)
+  pad = jnp.full(labels.shape[:1] + (1,), IGNORE_INDEX, labels.dtype)
   targets = jnp.concatenate([labels[:, 1:], pad], axis=1)
   if segment_ids is None:
     return targets
   same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
                           jnp.zeros(labels.shape[:1] + (1,), bool)], axis=1)
-  return jnp.where(same, targets, IGNORE)
+  return jnp.where(same, targets, IGNORE_INDEX)
 
 
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
                           chunk: int) -> tuple[jax.Array, jax.Array]:
-  """hidden: [B, T, D]; kernel: [D, V]; targets: int[B, T] (IGNORE: no loss).
+  """hidden: [B, T, D]; kernel: [D, V]; targets: int[B, T] (IGNORE_INDEX: no loss).
 
   Returns (sum of token losses, number of trained tokens), both float32 scalars.
   """
@@ -48,7 +50,7 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
   @jax.checkpoint
   def one_chunk(h, tgt):
     logits = (h @ kernel.astype(h.dtype)).astype(jnp.float32)  # [B, C, V]
-    valid = tgt != IGNORE
+    valid = tgt != IGNORE_INDEX
     safe = jnp.where(valid, tgt, 0)
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     losses = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -71,7 +73,7 @@ def _chunks(hidden, targets, chunk):
   pad = (-t) % chunk
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
   n = (t + pad) // chunk
   return hidden.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1)
 
@@ -82,8 +84,8 @@ def _trained_first(hidden, targets):
   Returns (hidden [B, T, D], targets [B, T]) in that order, the order itself (to put the
   gradient back) and the largest number of trained positions in any row: chunks that start
   past it hold no target, and their vocabulary projection is skipped."""
-  order = jnp.argsort(targets == IGNORE, axis=1, stable=True)
-  longest = jnp.max(jnp.sum(targets != IGNORE, axis=1))
+  order = jnp.argsort(targets == IGNORE_INDEX, axis=1, stable=True)
+  longest = jnp.max(jnp.sum(targets != IGNORE_INDEX, axis=1))
   return (jnp.take_along_axis(hidden, order[..., None], axis=1),
           jnp.take_along_axis(targets, order, axis=1), order, longest)
 
@@ -103,7 +105,7 @@ def _loss_and_grads(hidden, kernel, targets, chunk, kernel_grad):
   def project(carry, h, tgt):
     total, count, d_kernel = carry
     logits = (h @ w).astype(jnp.float32)  # [B, C, V]
-    valid = tgt != IGNORE
+    valid = tgt != IGNORE_INDEX
     safe = jnp.where(valid, tgt, 0)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)
@@ -156,3 +158,12 @@ def _fused_bwd(chunk, kernel_grad, residuals, cotangents):
 
 
 fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
+
+
+def next_token_loss(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int, *,
+                    segment_ids: Optional[jax.Array] = None,
+                    kernel_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+  """(sum of token losses, trained tokens) of HF-style labels [B, T] (unshifted): the loss of
+  training and of held-out evaluation. segment_ids: packed rows (see `shift_targets`)."""
+  targets = shift_targets(labels, segment_ids)
+  return fused_cross_entropy(hidden, kernel, targets, chunk, kernel_grad)

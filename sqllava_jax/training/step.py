@@ -1,4 +1,4 @@
-"""The jitted train and eval steps.
+"""The jitted train step.
 
 The train state is a plain pytree: {'params', 'opt_state', 'step', 'rng'}; parameters are a
 nested dict (our paths) that `nnx.merge` turns back into the model inside the step. Only
@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sqllava_jax.data.labels import IGNORE_INDEX
 from sqllava_jax.parallel.logical import Rules, axis_rules
-from sqllava_jax.training.loss import IGNORE, fused_cross_entropy, shift_targets
+from sqllava_jax.training.loss import next_token_loss, shift_targets
 from sqllava_jax.training.optimizer import flat, skipped_updates, unflat
 
+# The batch arrays the model and its loss read (training and the held-out loss).
 MODEL_INPUTS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values")
 
 
@@ -40,8 +42,8 @@ def forward_loss(graphdef, params: Mapping, batch: Mapping[str, jax.Array],
   segment_ids = batch["segment_ids"] if packed else None
   hidden, _ = model(batch["input_ids"], batch["pixel_values"], batch["positions"],
                     segment_ids=segment_ids, rng=rng)
-  targets = shift_targets(batch["labels"], segment_ids)
-  return fused_cross_entropy(hidden, model.llm.output_kernel(), targets, chunk, head_trains)
+  return next_token_loss(hidden, model.llm.output_kernel(), batch["labels"], chunk,
+                         segment_ids=segment_ids, kernel_grad=head_trains)
 
 
 def head_trains(trainable: Mapping[str, bool]) -> bool:
@@ -73,7 +75,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, trainable
     train_params, frozen = _split(state["params"], trainable)
     base_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     targets = shift_targets_all(batch["labels"], batch["segment_ids"] if packed else None)
-    denom = jnp.maximum(jnp.sum(targets != IGNORE), 1).astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(targets != IGNORE_INDEX), 1).astype(jnp.float32)
 
     def micro_loss(tp, micro, rng):
       s, c = forward_loss(graphdef, unflat({**tp, **frozen}), micro, rng, chunk, **loss_kwargs)
@@ -118,14 +120,3 @@ def shift_targets_all(labels: jax.Array, segment_ids: Optional[jax.Array] = None
     return jax.vmap(shift_targets)(labels)
   return jax.vmap(shift_targets)(labels, segment_ids)
 
-
-def make_eval_step(graphdef, *, chunk: int, mesh=None, rules: Rules = (),
-                   packed: bool = True) -> Callable:
-  """`eval_step(params, batch [B, ...]) -> {'loss_sum', 'tokens'}` (teacher forced, no dropout)."""
-
-  def eval_step(params, batch):
-    with (axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()):
-      s, c = forward_loss(graphdef, params, batch, None, chunk, packed=packed)
-    return {"loss_sum": s, "tokens": c}
-
-  return eval_step

@@ -107,10 +107,6 @@ def batch_length(longest: int, buckets: Sequence[int], max_length: int) -> int:
   return max_length
 
 
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "segment_ids",
-              "pixel_values", "has_image", "example_index")
-
-
 def collate(examples: Sequence[dict[str, Any]], *, batch_size: int, length: int,
             image_size: int, pad_id: int, alloc=np.empty) -> dict[str, np.ndarray]:
   """Pads examples into one batch of fixed shapes (B = batch_size, T = length):

@@ -32,13 +32,6 @@ class Record:
   turns: tuple[tuple[str, str], ...]
   system: Optional[str] = None  # the record's own system prompt; None: the template's
 
-  @property
-  def image_turn(self) -> Optional[int]:
-    for i, (_, text) in enumerate(self.turns):
-      if IMAGE_TOKEN in text:
-        return i
-    return None
-
 
 def record_id(raw: Any, index: int) -> str:
   """The record's id for messages, or its index when it has none."""

@@ -127,15 +127,6 @@ def component_of(path: tuple) -> str:
   raise ValueError(f"parameter {'/'.join(map(str, path))} belongs to no component")
 
 
-def count_params(state: nnx.State) -> dict[str, int]:
-  """Parameter count per component of an (abstract or concrete) parameter state."""
-  counts = {name: 0 for name in PARAM_GROUPS}
-  for path, leaf in nnx.to_flat_state(state):
-    counts[component_of(path)] += int(np.prod(leaf.shape)) if hasattr(leaf, "shape") else int(
-        np.prod(leaf[...].shape))
-  return counts
-
-
 def abstract_model(cfg: ModelConfig) -> SQLLaVA:
   """The model with shape-only parameters (no memory), for counting, planning and restoring."""
   return nnx.eval_shape(lambda: SQLLaVA(cfg, rngs=nnx.Rngs(0)))

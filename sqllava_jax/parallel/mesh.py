@@ -73,10 +73,5 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
-  """Batch arrays shard their leading axis like the logical `batch` axis."""
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

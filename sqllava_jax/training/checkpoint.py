@@ -124,10 +124,6 @@ class Checkpointer:
         shutil.rmtree(partial, ignore_errors=True)
     return CheckpointSaveError(step, self.step_dir(step), cause)
 
-  def item_names(self, step: int) -> set[str]:
-    path = os.path.join(self.directory, str(step))
-    return {name for name in os.listdir(path)} if os.path.isdir(path) else set()
-
   # ---- integrity ----------------------------------------------------------------------------
   def verify(self, step: int) -> list[str]:
     """What is wrong with the files of `step` ([] when they match its manifest)."""
@@ -214,13 +210,6 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
-
-
-def is_checkpoint_dir(directory: str) -> bool:
-  try:
-    return Checkpointer(directory, read_only=True).latest_step() is not None
-  except (FileNotFoundError, ValueError):
-    return False
 
 
 def abstract_params(model_cfg, shardings: Any = None) -> Any:

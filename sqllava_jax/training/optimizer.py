@@ -15,7 +15,7 @@ import jax
 import optax
 from flax import traverse_util
 
-from sqllava_jax.config import ParamGroup, TrainConfig
+from sqllava_jax.config import TrainConfig
 from sqllava_jax.training.param_groups import assign_groups_flat
 
 FROZEN_VIT_LORA = "vit_lora_frozen"
@@ -107,10 +107,3 @@ def learning_rates(cfg: TrainConfig, total_steps: int, step) -> dict[str, Any]:
 def skipped_updates(opt_state) -> Any:
   """How many updates `apply_if_finite` has skipped so far."""
   return opt_state.total_notfinite
-
-
-def group_of(cfg: TrainConfig, name: str) -> ParamGroup:
-  for g in cfg.param_groups:
-    if g.name == name:
-      return g
-  raise KeyError(name)

@@ -6,8 +6,6 @@ import math
 
 from sqllava_jax.training import flops as fl
 
-GIB = 2 ** 30
-
 FLOPS_COUNT = ("model FLOPs of one optimizer step over the whole global batch, counted "
                "analytically (training/flops.py): forward of every weight, input gradients "
                "wherever a gradient flows (through frozen weights too), weight gradients only "

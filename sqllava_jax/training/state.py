@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,12 +103,6 @@ def new_rng(seed: int) -> jax.Array:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
                       shardings)
-
-
-def host_fetch(tree: Any) -> Any:
-  """Fully-replicated copies on the host (works for arrays sharded over several processes)."""
-  from jax.experimental import multihost_utils
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def batch_shardings(mesh: Mesh, rules: Rules, batch: Mapping[str, np.ndarray]) -> dict:

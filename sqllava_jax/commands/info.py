@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from sqllava_jax.config import load_config
-from sqllava_jax.models.sqllava import PARAM_GROUPS, abstract_model, component_of
+from sqllava_jax.models.sqllava import COMPONENTS, abstract_model, component_of
 from sqllava_jax.training.param_groups import assign_groups, group_by_name, path_str
 
 
@@ -23,7 +23,7 @@ def parameter_table(cfg) -> dict[str, dict[str, int]]:
   state = nnx.state(abstract_model(cfg.model), nnx.Param)
   assignment = assign_groups(state, cfg.train.param_groups)
   groups = group_by_name(cfg.train.param_groups)
-  table = {name: {"total": 0, "trainable": 0, "frozen": 0} for name in PARAM_GROUPS}
+  table = {name: {"total": 0, "trainable": 0, "frozen": 0} for name in COMPONENTS}
   for path, leaf in nnx.to_flat_state(state):
     n = int(np.prod(leaf.shape))
     row = table[component_of(path)]

@@ -112,11 +112,13 @@ class SQLLaVA(nnx.Module):
     return hidden, aux
 
 
-PARAM_GROUPS = ("vision tower", "ViT-LoRA", "projector", "LLM", "LLM-LoRA")
+# The model's parts, for counting parameters (`sqllava-jax info`); what trains is decided by
+# the optimizer's parameter groups (`train.param_groups`), not by these.
+COMPONENTS = ("vision tower", "ViT-LoRA", "projector", "LLM", "LLM-LoRA")
 
 
 def component_of(path: tuple) -> str:
-  """Which of PARAM_GROUPS a parameter path (('llm', 'layers', ...)) belongs to."""
+  """Which of COMPONENTS a parameter path (('llm', 'layers', ...)) belongs to."""
   top, lora = str(path[0]), is_lora_path(path)
   if top == "vision":
     return "ViT-LoRA" if lora else "vision tower"

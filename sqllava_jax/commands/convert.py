@@ -86,9 +86,8 @@ def _config(args) -> Config:
 
 
 def run_import_hf(args) -> str:
-  from sqllava_jax.convert.hf import import_hf
   from sqllava_jax.convert.output import check_output, write_checkpoint
-  from sqllava_jax.convert.reference import source_tokenizer
+  from sqllava_jax.convert.reference import import_hf, source_tokenizer
   check_output(args.out, overwrite=args.overwrite)
   model, cfg = import_hf(_config(args), llm_dir=args.llm, vision_dir=args.vision,
                          projector_file=args.projector)

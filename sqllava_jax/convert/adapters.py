@@ -21,28 +21,29 @@ import numpy as np
 
 from sqllava_jax.config import LoRAConfig
 from sqllava_jax.convert.hf_io import CheckpointError, CheckpointReader
-from sqllava_jax.convert.keymap import KeySpec, transpose
+from sqllava_jax.convert.safetensors_writer import write_file
+from sqllava_jax.models.key_map import KeySpec, transpose
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def lora_key_map(base_specs: Sequence[KeySpec], targets: Sequence[str], *,
+def lora_key_map(base: Sequence[KeySpec], targets: Sequence[str], *,
                  hf_prefix: str = PEFT_PREFIX) -> list[KeySpec]:
-  """LoRA specs for every targeted Linear of a module's HF key map: our `<module>/lora_a`,
-  `lora_b` <-> PEFT's `<hf_prefix><hf module>.lora_A.weight`, `lora_B.weight`."""
-  specs = []
-  for spec in base_specs:
+  """The LoRA key map of every targeted Linear of a module's HF key map `base`: our
+  `<module>/lora_a`, `lora_b` <-> PEFT's `<hf_prefix><hf module>.lora_A.weight`, `lora_B.weight`."""
+  key_map = []
+  for spec in base:
     if not spec.ours.endswith("/kernel") or not spec.hf.endswith(".weight"):
       continue
     module, hf_module = spec.ours[: -len("/kernel")], spec.hf[: -len(".weight")]
     if module.rsplit("/", 1)[-1] not in targets:
       continue
     for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-      specs.append(KeySpec(f"{module}/{ours}", f"{hf_prefix}{hf_module}.{theirs}.weight",
-                           transpose, transpose, spec.num_layers))
-  return specs
+      key_map.append(KeySpec(f"{module}/{ours}", f"{hf_prefix}{hf_module}.{theirs}.weight",
+                             transpose, transpose, spec.num_layers))
+  return key_map
 
 
 def adapter_config(lora: LoRAConfig, *, base_model: str = "",
@@ -88,7 +89,6 @@ def check_ranks(source, names: Sequence[str], lora: LoRAConfig, config_path: str
 
 def write_adapter(directory: str, tensors: Sequence[tuple[str, np.ndarray]], config: dict) -> None:
   """`adapter_config.json` + `adapter_model.safetensors` in `directory`."""
-  from sqllava_jax.convert.safetensors_writer import write_file
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2)

@@ -3,7 +3,8 @@
 The configs come from each checkpoint's config.json; weights go through the modules' own key
 maps (`models.llama.hf_key_map`, `models.vision.hf_key_map`). Parameters a checkpoint does not
 hold (LoRA adapters, the projector) are initialised from the seed, inside one jit so that
-only those parameters are ever materialised.
+only those parameters are ever materialised. `convert import-hf`, which can also take the
+original's projector file, is `reference.import_hf`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from typing import Callable, Mapping, Optional
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
-from sqllava_jax.config import Config, LLMConfig, LoRAConfig, ModelConfig, VisionConfig
-from sqllava_jax.convert.hf_io import CheckpointError, CheckpointReader, read_config
-from sqllava_jax.convert.keymap import PrefixedSource, import_tensors, prefixed
+from sqllava_jax.config import LLMConfig, LoRAConfig, ModelConfig, VisionConfig
+from sqllava_jax.convert.hf_io import (CheckpointError, CheckpointReader, PrefixedSource,
+                                       read_config)
+from sqllava_jax.convert.transfer import import_tensors
 from sqllava_jax.models import llama, vision
+from sqllava_jax.models.key_map import prefixed
 from sqllava_jax.models.layers import dtype_of
 from sqllava_jax.models.sqllava import SQLLaVA
-from sqllava_jax.training.param_groups import path_str
+from sqllava_jax.tree_paths import flat_state, path_str
 
 
 def llm_config_from_hf(directory: str) -> LLMConfig:
@@ -43,23 +46,23 @@ def vision_config_from_hf(directory: str, **overrides) -> VisionConfig:
 def read_llama(directory: str, cfg: LLMConfig, expected: Mapping[str, tuple], *,
                prefix: str = "") -> dict[str, np.ndarray]:
   """{our path: array} for a transformers LLaMA directory; `prefix` is the module's path."""
-  specs = prefixed(llama.hf_key_map(cfg), ours_prefix=prefix)
-  return import_tensors(specs, CheckpointReader(directory), expected, ignore=llama.hf_ignored)
+  key_map = prefixed(llama.hf_key_map(cfg), ours_prefix=prefix)
+  return import_tensors(key_map, CheckpointReader(directory), expected, ignore=llama.hf_ignored)
 
 
 def read_clip_vision(directory: str, cfg: VisionConfig, expected: Mapping[str, tuple], *,
                      prefix: str = "") -> dict[str, np.ndarray]:
   """{our path: array} for a transformers CLIP (full or vision-only) directory."""
-  specs = prefixed(vision.hf_key_map(cfg), ours_prefix=prefix)
+  key_map = prefixed(vision.hf_key_map(cfg), ours_prefix=prefix)
   reader = CheckpointReader(directory)
   if not any(name.startswith("vision_model.") for name in reader.keys()):
     reader = PrefixedSource(reader, "vision_model.")
-  return import_tensors(specs, reader, expected, ignore=vision.hf_ignored)
+  return import_tensors(key_map, reader, expected, ignore=vision.hf_ignored)
 
 
 def abstract_shapes(make: Callable[[nnx.Rngs], nnx.Module]) -> dict[str, tuple[int, ...]]:
   abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-  return {path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+  return {path: tuple(v.shape) for path, v in flat_state(nnx.state(abstract)).items()}
 
 
 def assemble(make: Callable[[nnx.Rngs], nnx.Module], loaded: Mapping[str, np.ndarray],
@@ -68,29 +71,24 @@ def assemble(make: Callable[[nnx.Rngs], nnx.Module], loaded: Mapping[str, np.nda
   is initialised from `seed` without materialising the loaded ones twice."""
   abstract = nnx.eval_shape(lambda: make(nnx.Rngs(seed)))
   graphdef, state = nnx.split(abstract)
-  flat = {path_str(p): (p, v) for p, v in nnx.to_flat_state(state)}
-  unknown = sorted(set(loaded) - set(flat))
+  variables = flat_state(state)
+  unknown = sorted(set(loaded) - set(variables))
   if unknown:
     raise ValueError(f"{len(unknown)} loaded tensors have no place in the model: {unknown[:5]}")
-  missing = [name for name in flat if name not in loaded]
+  missing = [name for name in variables if name not in loaded]
 
   def init_missing():
     fresh = nnx.state(make(nnx.Rngs(seed)))
-    values = {path_str(p): v[...] for p, v in nnx.to_flat_state(fresh)}
+    values = {path: v[...] for path, v in flat_state(fresh).items()}
     return {name: values[name] for name in missing}
 
   # Runs once: XLA's backend optimisation would cost far more (seconds) than it saves.
   fast_compile = {"xla_backend_optimization_level": 0}
   values = dict(jax.jit(init_missing).lower().compile(fast_compile)()) if missing else {}
   for name, array in loaded.items():
-    values[name] = jax.numpy.asarray(array, dtype=flat[name][1].dtype)
-  pure = {}
-  for name, (path, _) in flat.items():
-    node = pure
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = values[name]
-  nnx.replace_by_pure_dict(state, pure)
+    values[name] = jax.numpy.asarray(array, dtype=variables[name].dtype)
+  nested = {path: values[path_str(path)] for path, _ in nnx.to_flat_state(state)}
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(nested))
   return nnx.merge(graphdef, state)
 
 
@@ -134,19 +132,3 @@ def model_from_hf(base: ModelConfig, *, llm_dir: str, vision_dir: str,
   for name, value in (projector or {}).items():
     loaded[f"projector/{name}"] = value
   return assemble(make, loaded, seed), cfg
-
-
-def import_hf(base: Config, *, llm_dir: str, vision_dir: str,
-              projector_file: Optional[str] = None) -> tuple[SQLLaVA, Config]:
-  """`convert import-hf`: the full config `base` with the LLM and vision architectures of the
-  checkpoints, their weights, the projector from `projector_file` (the reference's
-  `mm_projector.bin` names) if given, everything else freshly initialised from `base.seed`."""
-  from sqllava_jax.convert import reference
-  model_cfg = config_from_hf(base.model, llm_dir, vision_dir)
-  make = lambda r: SQLLaVA(model_cfg, rngs=r)
-  shapes = abstract_shapes(make)
-  loaded = read_llama(llm_dir, model_cfg.llm, shapes, prefix="llm/")
-  loaded.update(read_clip_vision(vision_dir, model_cfg.vision, shapes, prefix="vision/"))
-  if projector_file:
-    loaded.update(reference.read_projector_file(projector_file, model_cfg.projector, shapes))
-  return assemble(make, loaded, base.seed), dataclasses.replace(base, model=model_cfg)

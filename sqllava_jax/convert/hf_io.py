@@ -2,6 +2,8 @@
 pytorch_model*.bin files (opened with `weights_only=True`, never full unpickling).
 
 Tensors are read lazily, one at a time, so a 7B import never holds two copies in memory.
+A source is anything with `keys()` and `get(name) -> np.ndarray` (a reader, or one of the
+views here: prefixed, renamed, overlaid).
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
@@ -54,7 +57,7 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 def _tensors_only(path: str, loaded) -> dict:
   """`loaded` (a .bin's content) if it maps names to tensors; weights_only still admits
   numbers, strings and nested dicts, which are no weights."""
-  import torch
+  import torch  # Only for .bin checkpoints.
   if not isinstance(loaded, dict):
     raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a dict of tensors")
   for key, value in loaded.items():
@@ -78,7 +81,6 @@ class CheckpointReader:
 
   def _names_in(self, path: str) -> list[str]:
     if path.endswith(".safetensors"):
-      from safetensors import safe_open
       try:
         with safe_open(path, framework="np") as f:
           return list(f.keys())
@@ -89,7 +91,7 @@ class CheckpointReader:
 
   def _load_bin(self, path: str) -> dict:
     if path not in self._bins:
-      import torch
+      import torch  # Only for .bin checkpoints.
       try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
       except Exception as e:
@@ -105,7 +107,6 @@ class CheckpointReader:
     if path is None:
       raise CheckpointError(f"{self.where}: no tensor named {name}")
     if path.endswith(".safetensors"):
-      from safetensors import safe_open
       try:
         # The flax framework reads bf16 without torch (numpy alone cannot).
         with safe_open(path, framework="flax") as f:
@@ -113,3 +114,64 @@ class CheckpointReader:
       except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensor {name} ({e}); is the file truncated?") from e
     return _torch_to_numpy(self._load_bin(path)[name])
+
+
+class PrefixedSource:
+  """A view of `source` with `prefix` added to every name that lacks it (transformers 5 saves
+  `CLIPVisionModel` without the `vision_model.` prefix that older and full-CLIP files carry)."""
+
+  def __init__(self, source, prefix: str):
+    self._source = source
+    self.where = getattr(source, "where", "checkpoint")
+    self._names = {(n if n.startswith(prefix) else prefix + n): n for n in source.keys()}
+
+  def keys(self):
+    return self._names.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._source.get(self._names[name])
+
+
+class RenamedSource:
+  """A view of `source` with every name passed through `rename` (a checkpoint that spells a
+  prefix differently, e.g. PEFT wrappers around the same module)."""
+
+  def __init__(self, source, rename: Callable[[str], str]):
+    self._source = source
+    self.where = getattr(source, "where", "checkpoint")
+    self._names: dict[str, str] = {}
+    for name in source.keys():
+      new = rename(name)
+      if new in self._names:
+        raise ValueError(f"{self.where}: tensors {self._names[new]} and {name} are the same "
+                         f"parameter ({new}); keep only one of them")
+      self._names[new] = name
+
+  def keys(self):
+    return self._names.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._source.get(self._names[name])
+
+
+class OverlaySource:
+  """Sources read as one, a later source's tensor replacing an earlier one's of the same name
+  (a base checkpoint under the files a fine-tune saved, as `load_state_dict` lays them over)."""
+
+  def __init__(self, sources: Sequence):
+    self.where = " + ".join(getattr(s, "where", "checkpoint") for s in sources)
+    self._owner = {}
+    for source in sources:
+      for name in source.keys():
+        self._owner[name] = source
+
+  def keys(self):
+    return self._owner.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._owner[name].get(name)
+
+  def where_of(self, name: str) -> str:
+    """The file or directory the tensor `name` comes from."""
+    owner = self._owner.get(name)
+    return getattr(owner, "where", self.where) if owner is not None else self.where

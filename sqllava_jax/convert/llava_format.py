@@ -17,18 +17,19 @@ import dataclasses
 from typing import Optional
 
 import numpy as np
+import sentencepiece as spm
 
 from sqllava_jax.config import Config
 from sqllava_jax.convert import reference, tokenizer_files
+from sqllava_jax.convert.hf_export import Job, generation_config, write_json, write_weights
 from sqllava_jax.convert.hf_io import CheckpointError
-from sqllava_jax.convert.keymap import prefixed
 from sqllava_jax.models import projector, vision
+from sqllava_jax.models.key_map import KeySpec, prefixed
 
 EMBED, LM_HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
 
 
 def _sentencepiece_size(path: str) -> int:
-  import sentencepiece as spm
   return spm.SentencePieceProcessor(model_file=path).get_piece_size()
 
 
@@ -65,11 +66,11 @@ def hf_config(cfg: Config, image_token_id: int, dtype: str) -> dict:
           "text_config": text, "vision_config": vis}
 
 
-def specs(cfg: Config) -> list:
+def key_map(cfg: Config) -> list[KeySpec]:
   """Our paths <-> the hub layout's names."""
   m = cfg.model
   llm = [dataclasses.replace(s, hf="language_model." + s.hf)
-         for s in reference.llm_specs(m.llm)]
+         for s in reference.llm_key_map(m.llm)]
   return (llm + prefixed(vision.hf_key_map(m.vision), ours_prefix="vision/",
                          hf_prefix="vision_tower.")
           + prefixed(projector.llava_key_map(m.projector), ours_prefix="projector/",
@@ -83,8 +84,7 @@ def add_image_row(name: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def export(directory: str, job) -> None:
-  from sqllava_jax.convert.export import generation_config, write_json, write_weights
+def export(directory: str, job: Job) -> None:
   cfg = job.cfg
   path = tokenizer_files.find_tokenizer(job.options.tokenizer, cfg, job.ckpt)
   image_id = tokenizer_files.write_llava_processor(directory, path, cfg)
@@ -94,4 +94,4 @@ def export(directory: str, job) -> None:
   write_json(directory, "config.json", hf_config(cfg, image_id, job.dtype_name))
   write_json(directory, "generation_config.json",
              generation_config(job, suppress_tokens=[image_id]))
-  write_weights(directory, job, specs(cfg), desc="llava", edit=add_image_row)
+  write_weights(directory, job, key_map(cfg), desc="llava", edit=add_image_row)

@@ -16,6 +16,7 @@ from typing import Iterator
 from flax import nnx
 
 from sqllava_jax.config import Config
+from sqllava_jax.training.checkpoint import save_model
 
 
 def _umask() -> int:
@@ -63,7 +64,6 @@ def write_checkpoint(out: str, model: nnx.Module, cfg: Config, *, overwrite: boo
   """Writes `model` as a model-only checkpoint (params + meta, step 0) at `out`, atomically:
   the layout `train`, `eval`, `generate` and `ask` read (`training.checkpoint.load_model`).
   `tokenizer` (a tokenizer.model) is copied beside the steps, where they look for one."""
-  from sqllava_jax.training.checkpoint import save_model  # orbax only when writing
   path = check_output(out, overwrite=overwrite)
   with atomic_directory(path, overwrite=overwrite) as tmp:
     save_model(tmp, model, cfg, extra_meta=extra_meta)

@@ -13,13 +13,15 @@ import os
 from typing import Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from sqllava_jax.config import Config
 from sqllava_jax.convert.hf_io import CheckpointError
 from sqllava_jax.models import lora
-from sqllava_jax.training.param_groups import path_str
+from sqllava_jax.training import checkpoint
+from sqllava_jax.tree_paths import flat_state, path_str
 
 
 def _has_model_items(ckpt: str, step: int) -> bool:
@@ -29,12 +31,11 @@ def _has_model_items(ckpt: str, step: int) -> bool:
 
 def load_for_export(ckpt: str, step: Optional[int] = None):
   """(SQLLaVA, Config) of checkpoint directory `ckpt`, parameters on the host CPU."""
-  from sqllava_jax.training import checkpoint as C
   if not os.path.isdir(ckpt):
     raise CheckpointError(f"{ckpt} does not exist or is not a directory; pass --ckpt with a "
                           "sqllava-jax checkpoint (from train or convert import-hf)")
   try:
-    manager = C.Checkpointer(ckpt, read_only=True)
+    manager = checkpoint.Checkpointer(ckpt, read_only=True)
     step = manager.latest_step() if step is None else step
   except (ValueError, OSError) as e:
     raise CheckpointError(f"{ckpt}: cannot read as an orbax checkpoint ({e})") from e
@@ -43,13 +44,13 @@ def load_for_export(ckpt: str, step: Optional[int] = None):
             if os.path.isdir(os.path.join(ckpt, "checkpoints")) else "")
     raise CheckpointError(f"{ckpt} is not a sqllava-jax checkpoint (no complete step with "
                           f"params and meta); make one with `convert import-hf` or `train`{hint}")
-  cfg = C.config_from_meta(manager.read_meta(step))
+  cfg = checkpoint.config_from_meta(manager.read_meta(step))
   try:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   except RuntimeError:  # JAX_PLATFORMS without cpu: restore where JAX puts arrays by default
-    return C.load_model(ckpt, step=step)
-  shardings = jax.tree.map(lambda _: cpu, C.abstract_params(cfg.model))
-  return C.load_model(ckpt, step=step, shardings=shardings)
+    return checkpoint.load_model(ckpt, step=step)
+  shardings = jax.tree.map(lambda _: cpu, checkpoint.abstract_params(cfg.model))
+  return checkpoint.load_model(ckpt, step=step, shardings=shardings)
 
 
 class MergedKernel:
@@ -78,7 +79,7 @@ class ParamSource:
 
   def __init__(self, model: nnx.Module, *, merge_lora: bool):
     state = nnx.state(model, nnx.Param)
-    self._params = {path_str(p): v for p, v in nnx.to_flat_state(state)}
+    self._params = flat_state(state)
     self._merge = {}
     if merge_lora:
       for path, linear in lora.lora_linears(model):
@@ -97,7 +98,6 @@ class ParamSource:
 
 def output_dtype(name: str, cfg: Config) -> np.dtype:
   """numpy dtype for `--dtype` (auto: the checkpoint's `model.param_dtype`)."""
-  import ml_dtypes
   name = cfg.model.param_dtype if name == "auto" else name
   table = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
   if name not in table:

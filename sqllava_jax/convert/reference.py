@@ -20,6 +20,9 @@ On a base the model is what `LlavaLlamaForCausalLM.from_pretrained(base, config=
 holds (base tensors of other names ignored) with the layout's projector file laid over it
 (`load_state_dict(strict=False)`: names it does not know ignored); every ignored tensor is
 listed in one line of notes.
+
+`import_hf` (`convert import-hf`) is here too: transformers' LLaMA and CLIP (`hf.py`) with,
+optionally, a stage-1 `mm_projector.bin` in the original's names.
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ from typing import Optional
 from sqllava_jax.config import (LLM_LORA_TARGETS, VIT_LORA_TARGETS, Config, LLMConfig,
                                 ModelConfig, ProjectorConfig)
 from sqllava_jax.convert import adapters
-from sqllava_jax.convert.hf_io import CheckpointError, CheckpointReader, read_config
-from sqllava_jax.convert.keymap import (KeySpec, OverlaySource, RenamedSource, import_tensors,
-                                        prefixed)
+from sqllava_jax.convert.hf import (abstract_shapes, assemble, config_from_hf, read_clip_vision,
+                                    read_llama, vision_config_from_hf)
+from sqllava_jax.convert.hf_io import (CheckpointError, CheckpointReader, OverlaySource,
+                                       RenamedSource, read_config)
+from sqllava_jax.convert.transfer import import_tensors
 from sqllava_jax.models import llama, projector, vision
+from sqllava_jax.models.key_map import KeySpec, prefixed
+from sqllava_jax.models.sqllava import SQLLaVA
 
 # Names in the original's module tree (transformers 4.31, whatever transformers runs here):
 # `LlavaLlamaForCausalLM.model` holds `mm_projector` and `vision_tower` (its CLIPVisionTower,
@@ -52,13 +59,13 @@ PROJECTOR_TYPES = ("cluster", "mlp2x_gelu", "linear")
 REFERENCE_PROTOTYPES, REFERENCE_ITERATIONS = 256, 2
 
 
-def projector_specs(cfg: ProjectorConfig) -> list[KeySpec]:
+def projector_key_map(cfg: ProjectorConfig) -> list[KeySpec]:
   """Our `projector/...` paths <-> the reference's `model.mm_projector.*` names."""
   return prefixed(projector.reference_key_map(cfg), ours_prefix="projector/",
                   hf_prefix=PROJECTOR_PREFIX)
 
 
-def llm_specs(cfg: LLMConfig) -> list[KeySpec]:
+def llm_key_map(cfg: LLMConfig) -> list[KeySpec]:
   return prefixed(llama.hf_key_map(cfg), ours_prefix="llm/")
 
 
@@ -83,7 +90,6 @@ def reference_model_config(hf: dict, base: ModelConfig, vision_dir: str, *,
   """Our model config from a reference config.json (LLM fields, projector type, feature
   selection) and the vision tower's own config; LoRA and the projector's prototype counts
   (hard-coded in the reference) come from `base`."""
-  from sqllava_jax.convert.hf import vision_config_from_hf
   kind = hf.get("mm_projector_type", "linear")
   if kind not in PROJECTOR_TYPES:
     raise CheckpointError(f"{where}/config.json: mm_projector_type {kind!r} is not supported; "
@@ -148,7 +154,23 @@ def read_projector_file(path: str, cfg: ProjectorConfig,
   reader.where = path
   bare = not any("mm_projector." in name for name in reader.keys())
   rename = (lambda n: PROJECTOR_PREFIX + n) if bare else canonical_projector_name
-  return import_tensors(projector_specs(cfg), RenamedSource(reader, rename), expected)
+  return import_tensors(projector_key_map(cfg), RenamedSource(reader, rename), expected)
+
+
+def import_hf(base: Config, *, llm_dir: str, vision_dir: str,
+              projector_file: Optional[str] = None) -> tuple[SQLLaVA, Config]:
+  """`convert import-hf`: the full config `base` with the LLM and vision architectures of the
+  transformers checkpoints, their weights, the projector from `projector_file` (a stage-1
+  `mm_projector.bin`, the original's names) if given, everything else freshly initialised
+  from `base.seed`."""
+  model_cfg = config_from_hf(base.model, llm_dir, vision_dir)
+  make = lambda r: SQLLaVA(model_cfg, rngs=r)
+  shapes = abstract_shapes(make)
+  loaded = read_llama(llm_dir, model_cfg.llm, shapes, prefix="llm/")
+  loaded.update(read_clip_vision(vision_dir, model_cfg.vision, shapes, prefix="vision/"))
+  if projector_file:
+    loaded.update(read_projector_file(projector_file, model_cfg.projector, shapes))
+  return assemble(make, loaded, base.seed), dataclasses.replace(base, model=model_cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,9 +313,9 @@ def _original_state(layout: ReferenceLayout, base_dir: Optional[str]):
   return OverlaySource([CheckpointReader(base_dir), top])
 
 
-def _check_projector_present(source, specs: list[KeySpec], layout: ReferenceLayout) -> None:
+def _check_projector_present(source, key_map: list[KeySpec], layout: ReferenceLayout) -> None:
   """A projector file whose names the original would not find is refused, not half-loaded."""
-  names = [n for s in specs for n in s.hf_names()]
+  names = [n for s in key_map for n in s.hf_names()]
   missing = [n for n in names if n not in source.keys()]
   if missing and layout.kind != "merged":
     found = sorted(n for n in source.keys() if "mm_projector" in n)[:3]
@@ -308,14 +330,14 @@ def _llm_and_projector(layout: ReferenceLayout, cfg: ModelConfig, base_dir: Opti
                        shapes: dict, ignored: "Ignored") -> dict:
   """The LLM's and the projector's tensors for each layout."""
   source = _original_state(layout, base_dir)
-  specs = llm_specs(cfg.llm) + projector_specs(cfg.projector)
-  _check_projector_present(source, projector_specs(cfg.projector), layout)
-  used = {n for s in specs for n in s.hf_names()}
+  key_map = llm_key_map(cfg.llm) + projector_key_map(cfg.projector)
+  _check_projector_present(source, projector_key_map(cfg.projector), layout)
+  used = {n for s in key_map for n in s.hf_names()}
   where_of = getattr(source, "where_of", lambda name: source.where)
   for name in source.keys():
     if name not in used and not llama.hf_ignored(name):
       ignored.add(where_of(name), name)
-  return import_tensors(specs, source, shapes, ignore=lambda n: n not in used)
+  return import_tensors(key_map, source, shapes, ignore=lambda n: n not in used)
 
 
 def _llm_lora(layout: ReferenceLayout, cfg: ModelConfig, shapes: dict,
@@ -323,28 +345,28 @@ def _llm_lora(layout: ReferenceLayout, cfg: ModelConfig, shapes: dict,
   """The LLM adapter of `adapter_model`; its ViT tensors are left out, as the original's
   loading leaves them (its tower is not loaded yet when PEFT applies the adapter, and their
   names fit no module then)."""
-  specs = prefixed(adapters.lora_key_map(llama.hf_key_map(cfg.llm), cfg.llm_lora.targets),
+  key_map = prefixed(adapters.lora_key_map(llama.hf_key_map(cfg.llm), cfg.llm_lora.targets),
                    ours_prefix="llm/")
   reader = adapters.adapter_reader(layout.model_dir)
-  used = {n for s in specs for n in s.hf_names()}
+  used = {n for s in key_map for n in s.hf_names()}
   for name in reader.keys():
     if name not in used:
       ignored.add(reader.where, name)
   adapters.check_ranks(reader, [n for n in reader.keys() if n in used], cfg.llm_lora,
                        os.path.join(layout.model_dir, adapters.CONFIG_NAME))
-  return import_tensors(specs, reader, shapes, ignore=lambda n: n not in used)
+  return import_tensors(key_map, reader, shapes, ignore=lambda n: n not in used)
 
 
 def _vit_lora(directory: str, layout: ReferenceLayout, cfg: ModelConfig, shapes: dict) -> dict:
   """The `lora_pt` ViT-LoRA; names of either CLIP module tree (transformers 4's `vision_model`
   level or 5's flat one, under any wrapper) map to the same tensors."""
   base = vision.hf_key_map(cfg.vision)
-  specs = prefixed(adapters.lora_key_map(base, cfg.vit_lora.targets, hf_prefix=VIT_LORA_PREFIX),
+  key_map = prefixed(adapters.lora_key_map(base, cfg.vit_lora.targets, hf_prefix=VIT_LORA_PREFIX),
                    ours_prefix="vision/")
   reader = RenamedSource(adapters.adapter_reader(directory), canonical_vit_lora_name)
   adapters.check_ranks(reader, list(reader.keys()), cfg.vit_lora,
                        os.path.join(directory, adapters.CONFIG_NAME))
-  return import_tensors(specs, reader, shapes)
+  return import_tensors(key_map, reader, shapes)
 
 
 class Ignored:
@@ -396,8 +418,6 @@ def import_reference(model_dir: str, base: Config, *, base_dir: Optional[str] = 
   `load_pretrained_model(model_dir, base_dir, lora_pt=...)` builds, `lora_pt` being
   `vit_lora_dir`, else MODEL/Vit-lora, none with `use_vit_lora=False`. Adapters the
   checkpoint lacks are freshly initialised (B = 0, so they change nothing until trained)."""
-  from sqllava_jax.convert.hf import abstract_shapes, assemble, read_clip_vision
-  from sqllava_jax.models.sqllava import SQLLaVA
   layout = detect_layout(model_dir, base_dir=base_dir, vision_dir=vision_dir,
                          vit_lora_dir=vit_lora_dir, use_vit_lora=use_vit_lora)
   if layout.kind != "merged":

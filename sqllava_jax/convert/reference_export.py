@@ -25,24 +25,27 @@ from typing import Iterable
 import numpy as np
 
 from sqllava_jax.config import Config
-from sqllava_jax.convert import adapters, reference
+from sqllava_jax.convert import adapters, reference, tokenizer_files
+from sqllava_jax.convert.hf_export import (ExportOptions, Job, export_clip, generation_config,
+                                           tokenizer_path, write_json, write_weights)
 from sqllava_jax.convert.hf_io import CheckpointError
-from sqllava_jax.convert.keymap import KeySpec, export_tensors, prefixed
+from sqllava_jax.convert.transfer import export_tensors
 from sqllava_jax.models import llama, vision
+from sqllava_jax.models.key_map import KeySpec, prefixed
 
 # Format -> the branch of `load_pretrained_model` that must read it (`original_loading_path`).
 LOADING_PATHS = {"sqllava": "merged", "sqllava-lora": "lora", "sqllava-stage1": "projector"}
 ADAPTER_FORMATS = ("sqllava-lora", "sqllava-stage1")  # LoRA kept apart, never merged
 
 
-def llm_lora_specs(cfg: Config) -> list[KeySpec]:
+def llm_lora_key_map(cfg: Config) -> list[KeySpec]:
   """Our LLM LoRA <-> `base_model.model.model.layers.N.<module>.lora_{A,B}.weight`."""
   m = cfg.model
   return prefixed(adapters.lora_key_map(llama.hf_key_map(m.llm), m.llm_lora.targets),
                   ours_prefix="llm/")
 
 
-def vit_lora_specs(cfg: Config, prefix: str) -> list[KeySpec]:
+def vit_lora_key_map(cfg: Config, prefix: str) -> list[KeySpec]:
   """Our ViT-LoRA <-> `<prefix>vision_model.encoder.layers.N.<module>.lora_{A,B}.weight`."""
   m = cfg.model
   return prefixed(adapters.lora_key_map(vision.hf_key_map(m.vision), m.vit_lora.targets,
@@ -51,7 +54,7 @@ def vit_lora_specs(cfg: Config, prefix: str) -> list[KeySpec]:
 
 def save_bin(path: str, tensors: Iterable[tuple[str, np.ndarray]], dtype: np.dtype) -> None:
   """A torch pickle of {name: tensor} in `dtype` (plain tensors, nothing else)."""
-  import torch
+  import torch  # Only here: the original reads torch pickles; nothing else needs torch.
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[np.dtype(dtype).name]
   out = {}
@@ -61,25 +64,24 @@ def save_bin(path: str, tensors: Iterable[tuple[str, np.ndarray]], dtype: np.dty
   torch.save(out, path)
 
 
-def write_vit_lora(directory: str, job) -> None:
+def write_vit_lora(directory: str, job: Job) -> None:
   """A `Vit-lora/` PEFT directory as train.py saves it around the original's CLIPVisionTower
   (task_type null): `--lora_pretrain DIR` and `--pretrain_lora DIR/adapter_model.bin` load it."""
-  from sqllava_jax.convert.export import write_json
   os.makedirs(directory)
   write_json(directory, adapters.CONFIG_NAME,
              adapters.original_adapter_config(job.cfg.model.vit_lora, task_type=None))
-  specs = vit_lora_specs(job.cfg, reference.VIT_LORA_PREFIX)
+  key_map = vit_lora_key_map(job.cfg, reference.VIT_LORA_PREFIX)
   save_bin(os.path.join(directory, adapters.WEIGHT_NAMES[1]),
-           export_tensors(specs, job.source.get), job.dtype)
+           export_tensors(key_map, job.source.get), job.dtype)
 
 
-def vision_tower_name(job) -> str:
+def vision_tower_name(job: Job) -> str:
   """`mm_vision_tower` to write: `--vision-tower` (`check` requires it where the layout has no
   tower), else the merged layout's own `vision_tower/`, inside --out as the user spelled it."""
   return job.options.vision_tower or os.path.join(job.out_arg, "vision_tower")
 
 
-def check(fmt: str, cfg: Config, options, out: str) -> None:
+def check(fmt: str, cfg: Config, options: ExportOptions, out: str) -> None:
   """Refuses up front what the original cannot read; warns where it would read it wrongly."""
   m = cfg.model
   reference.check_original_llm(m.llm)
@@ -105,17 +107,13 @@ def check(fmt: str, cfg: Config, options, out: str) -> None:
           "load, the outputs differ)", file=sys.stderr)
 
 
-def _config(directory: str, job, *, stage1: bool = False) -> None:
-  from sqllava_jax.convert.export import write_json
+def _config(directory: str, job: Job, *, stage1: bool = False) -> None:
   write_json(directory, "config.json", reference.reference_config(
       job.cfg, vision_tower=vision_tower_name(job), dtype=job.dtype_name, stage1=stage1))
 
 
-def export_merged(directory: str, job) -> None:
+def export_merged(directory: str, job: Job) -> None:
   """The merged layout (`merge_lora_weights.py`'s), its tower merged in `vision_tower/`."""
-  from sqllava_jax.convert.export import (export_clip, generation_config, tokenizer_path,
-                                          write_json, write_weights)
-  from sqllava_jax.convert import tokenizer_files
   m = job.cfg.model
   tower = os.path.join(directory, "vision_tower")
   os.makedirs(tower)
@@ -126,48 +124,48 @@ def export_merged(directory: str, job) -> None:
   if path:
     tokenizer_files.write_slow_tokenizer(directory, path,
                                          model_max_length=m.llm.max_position_embeddings)
-  specs = reference.llm_specs(m.llm) + reference.projector_specs(m.projector)
-  write_weights(directory, job, specs, desc="sqllava")
+  key_map = reference.llm_key_map(m.llm) + reference.projector_key_map(m.projector)
+  write_weights(directory, job, key_map, desc="sqllava")
 
 
-def export_lora(directory: str, job) -> None:
+def export_lora(directory: str, job: Job) -> None:
   """A stage-2 LoRA save, as train.py writes it."""
-  from sqllava_jax.convert.export import write_json
   m = job.cfg.model
   _config(directory, job)
   write_json(directory, adapters.CONFIG_NAME,
              adapters.original_adapter_config(m.llm_lora, task_type="CAUSAL_LM"))
-  specs = llm_lora_specs(job.cfg)
+  key_map = llm_lora_key_map(job.cfg)
   if m.vit_lora.enabled:  # train.py's adapter also holds the tower's, under the model's names
-    specs += vit_lora_specs(job.cfg, reference.ADAPTER_VIT_LORA_PREFIX)
+    key_map += vit_lora_key_map(job.cfg, reference.ADAPTER_VIT_LORA_PREFIX)
   save_bin(os.path.join(directory, adapters.WEIGHT_NAMES[1]),
-           export_tensors(specs, job.source.get), job.dtype)
-  projector = prefixed(reference.projector_specs(m.projector), hf_prefix=reference.NON_LORA_PREFIX)
+           export_tensors(key_map, job.source.get), job.dtype)
+  projector = prefixed(reference.projector_key_map(m.projector),
+                       hf_prefix=reference.NON_LORA_PREFIX)
   save_bin(os.path.join(directory, reference.NON_LORA_FILE),
            export_tensors(projector, job.source.get), job.dtype)
   if m.vit_lora.enabled:
     write_vit_lora(os.path.join(directory, reference.VIT_LORA_DIR), job)
 
 
-def _check_llm_untrained(job) -> None:
+def _check_llm_untrained(job: Job) -> None:
   """A stage-1 save has no place for an LLM adapter; refuse to drop a trained one."""
   m = job.cfg.model
   if not m.llm_lora.enabled:
     return
-  trained = [s.ours for s in llm_lora_specs(job.cfg)
+  trained = [s.ours for s in llm_lora_key_map(job.cfg)
              if s.ours.endswith("/lora_b") and np.any(np.asarray(job.source.get(s.ours)))]
   if trained:
     raise CheckpointError(f"this checkpoint's LLM LoRA is trained ({trained[0]} is not zero); "
                           "the sqllava-stage1 layout has no place for it: export sqllava-lora")
 
 
-def export_stage1(directory: str, job) -> None:
+def export_stage1(directory: str, job: Job) -> None:
   """A stage-1 save: `--pretrain_mm_mlp_adapter mm_projector.bin` and
   `--pretrain_lora Vit-lora/adapter_model.bin` start the original's stage 2 from it."""
   _check_llm_untrained(job)
   _config(directory, job, stage1=True)
   save_bin(os.path.join(directory, reference.PROJECTOR_FILE),
-           export_tensors(reference.projector_specs(job.cfg.model.projector), job.source.get),
+           export_tensors(reference.projector_key_map(job.cfg.model.projector), job.source.get),
            job.dtype)
   if job.cfg.model.vit_lora.enabled:
     write_vit_lora(os.path.join(directory, reference.VIT_LORA_DIR), job)

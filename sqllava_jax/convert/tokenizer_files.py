@@ -32,7 +32,7 @@ def find_tokenizer(explicit: Optional[str], cfg: Config, ckpt: str) -> Optional[
   """The `tokenizer.model` to ship, found as `generate` and `ask` find theirs: `explicit` (a
   file or a directory holding one), else `tokenizer.model` beside the checkpoint, else the
   config's data tokenizer; None when there is none."""
-  from sqllava_jax.data.pipeline import tokenizer_path
+  from sqllava_jax.data.pipeline import tokenizer_path  # pulls in grain; only this needs it
   if explicit:
     path = os.path.join(explicit, "tokenizer.model") if os.path.isdir(explicit) else explicit
     if not os.path.isfile(path):
@@ -51,7 +51,7 @@ def find_tokenizer(explicit: Optional[str], cfg: Config, ckpt: str) -> Optional[
 
 def _fast_tokenizer(model_path: str, extra_special: Sequence[str]):
   """A transformers fast tokenizer converted from `model_path`, re-wired to our tokenisation."""
-  import transformers
+  import transformers  # Heavy, and only the tokenizer-shipping exports need it.
   from tokenizers import normalizers
   cls = getattr(transformers, "LlamaTokenizerFast", None) or transformers.LlamaTokenizer
   with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +122,7 @@ def write_llava_processor(directory: str, model_path: str, cfg: Config) -> int:
   """A directory `AutoProcessor` loads: image processor, tokenizer with `<image>`, and the
   processor settings that expand one `<image>` into the projector's token count. Returns
   the id of `<image>`."""
-  import transformers
+  import transformers  # Heavy, and only the llava export needs it.
   vision = cfg.model.vision
   pad = cfg.data.image_aspect_ratio == "pad"
   write_image_processor(directory, vision, pad=pad)

@@ -20,9 +20,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sqllava_jax.config import LLMConfig, LoRAConfig
-from sqllava_jax.convert.keymap import KeySpec, linear_specs, norm_specs, transpose
 from sqllava_jax.models import layers as L
 from sqllava_jax.models.attention import attention, cache_attention
+from sqllava_jax.models.key_map import KeySpec, linear_specs, norm_specs, transpose
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 

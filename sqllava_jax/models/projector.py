@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from sqllava_jax.config import ProjectorConfig
-from sqllava_jax.convert.keymap import KeySpec, linear_specs, norm_specs, reshape_to, transpose
 from sqllava_jax.models import layers as L
+from sqllava_jax.models.key_map import KeySpec, linear_specs, norm_specs, reshape_to, transpose
 
 
 def adaptive_avg_pool(x: jax.Array, out_len: int) -> jax.Array:

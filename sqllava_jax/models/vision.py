@@ -14,10 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sqllava_jax.config import LoRAConfig, VisionConfig
-from sqllava_jax.convert.keymap import (KeySpec, conv_to_hf, conv_to_ours, linear_specs,
-                                        norm_specs)
 from sqllava_jax.models import layers as L
 from sqllava_jax.models.attention import attention
+from sqllava_jax.models.key_map import (KeySpec, conv_to_hf, conv_to_ours, linear_specs,
+                                         norm_specs)
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 

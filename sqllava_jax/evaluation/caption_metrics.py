@@ -221,8 +221,9 @@ def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequ
   for name in CAPTION_METRICS:
     if name not in metrics:
       continue
-    if availability[name]:
-      unavailable[name] = availability[name]
+    reason = availability[name]
+    if reason:
+      unavailable[name] = reason
       continue
     try:
       report.update(_SCORERS[name](gts, res))

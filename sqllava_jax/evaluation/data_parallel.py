@@ -19,8 +19,8 @@ BATCH_AXES = ("data", "fsdp")
 
 def eval_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """All devices on the `data` axis (fsdp and tensor of size 1): the evaluation mesh."""
-  devices = np.asarray(list(devices if devices is not None else jax.devices()))
-  return Mesh(devices.reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+  grid = np.asarray(list(devices if devices is not None else jax.devices()))
+  return Mesh(grid.reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
 
 
 def eval_mesh_if_parallel() -> Optional[Mesh]:
@@ -55,7 +55,7 @@ def check_batch_size(mesh: Mesh, global_batch: int) -> None:
 def shard_batch(mesh: Mesh, arrays: Sequence[Any]) -> tuple:
   """This process's rows of each array (None passes through) -> global arrays split on the
   leading axis."""
-  out = []
+  out: list[Any] = []
   for a in arrays:
     if a is None:
       out.append(None)
@@ -71,7 +71,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
   """The rows of a batch-split global array that live on this process, in order."""
   if x.is_fully_addressable:
     return np.asarray(x)
-  shards = {}
+  shards: dict[int, np.ndarray] = {}
   for s in x.addressable_shards:
     start = s.index[0].start or 0
     shards.setdefault(start, np.asarray(s.data))

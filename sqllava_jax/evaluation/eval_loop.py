@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sqllava_jax.data.errors import BadRecord
-from sqllava_jax.data.images import resolve_image_path
+from sqllava_jax.data.images import AspectRatio, resolve_image_path
 from sqllava_jax.evaluation import answer_log
 from sqllava_jax.evaluation import data_parallel as dp
 from sqllava_jax.evaluation.engine import Engine
@@ -61,7 +61,7 @@ class EvalSettings:
   sampling: Sampling = GREEDY
   seed: int = 0
   model_id: str = "sqllava-jax"
-  aspect_ratio: str = "pad"
+  aspect_ratio: AspectRatio = "pad"
   self_questioning: bool = False
   questions_per_image: int = 1
   protocol: Protocol = Protocol()
@@ -177,7 +177,8 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
   blank = None
   if settings.self_questioning:
     blank = np.zeros((engine.image_size, engine.image_size, 3), np.float32)
-  records, skipped = [], []
+  records: list[dict] = []
+  skipped: list = []
   # Process 0 shows the whole run's progress: its own rows times the process count.
   todo = sum(i not in done for i in range(len(questions)))
   bar = tqdm(total=len(questions), initial=len(questions) - todo, unit="ex", desc=desc,
@@ -190,6 +191,7 @@ def answer_shard(engine: Engine, questions: Sequence[dict], settings: EvalSettin
     # The next batch's images load while the device answers this one.
     pending = pool.submit(load, steps[0]) if steps else None
     for k, b in enumerate(steps):
+      assert pending is not None  # set before the loop whenever there are steps
       rows, pixels, active, batch_skipped = pending.result()
       if k + 1 < len(steps):
         pending = pool.submit(load, steps[k + 1])

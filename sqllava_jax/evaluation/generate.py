@@ -26,11 +26,11 @@ import numpy as np
 from flax import nnx
 
 from sqllava_jax.evaluation import data_parallel
-from sqllava_jax.evaluation.inference_program import InferenceProgram, trace_count
+from sqllava_jax.evaluation.inference_program import InferenceProgram
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
 
-__all__ = ["Generated", "Generator", "bucket_length", "left_pad", "pad_rows", "trace_count"]
+__all__ = ["Generated", "Generator", "bucket_length", "left_pad", "pad_rows"]
 
 
 def bucket_length(n: int, *, min_length: int = 16, step: int = 128) -> int:
@@ -122,9 +122,9 @@ class Generator:
       length = data_parallel.agree_max(length)
     ids, mask = left_pad(prompts, length, self.pad_id)
     inputs = pad_rows((ids, pixels, mask), self.program.rows_multiple())
-    inputs = self.program.global_batch(inputs)
+    ids, pixels, mask = self.program.global_batch(inputs)
     tokens, num_new = self.program.generate(
-        self.state, self.layer_states, *inputs, jax.random.key(seed), sampling.arrays(),
+        self.state, self.layer_states, ids, pixels, mask, jax.random.key(seed), sampling.arrays(),
         max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=self.eos_id,
         pad_id=self.pad_id)
     if self.mesh is not None:

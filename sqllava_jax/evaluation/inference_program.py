@@ -38,14 +38,6 @@ from sqllava_jax.parallel.mesh import state_shardings
 
 DEFAULT_RULES = MeshConfig().rules
 
-# How many times the generation program has been traced (tests assert it stays put).
-_TRACES = {"count": 0}
-
-
-def trace_count() -> int:
-  return _TRACES["count"]
-
-
 def default_unstack(mesh: Optional[Mesh]) -> bool:
   """Whether the program runs on CPU devices, where the unstacked copy pays (see the module
   docstring)."""
@@ -65,7 +57,7 @@ def _embed(model: nnx.Module, ids, pixels):
   """int[B, T] (+ images) -> [B, T, D]."""
   if isinstance(model, SQLLaVA):
     return model.embed_inputs(ids, pixels)[0]
-  return model.embed(ids)
+  return llm_of(model).embed(ids)
 
 
 # --- the device program -----------------------------------------------------------------------
@@ -76,10 +68,10 @@ def _prefill(llm: Llama, layers, embeds, mask, max_new_tokens: int):
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   cache = KVCache.init(llm.cfg, b, t + max_new_tokens, dtype=llm.dtype,
                        per_layer=layers is not None)
-  hidden, cache = llm.decode(embeds, positions, cache=cache, token_valid=mask, layers=layers,
-                             fresh_cache=True)
+  hidden, filled = llm.decode(embeds, positions, cache=cache, token_valid=mask, layers=layers,
+                              fresh_cache=True)
   # Prompts are left-padded, so the last position is real in every row.
-  return llm.logits(hidden[:, -1:])[:, 0], cache, mask.sum(axis=1).astype(jnp.int32)
+  return llm.logits(hidden[:, -1:])[:, 0], filled, mask.sum(axis=1).astype(jnp.int32)
 
 
 def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
@@ -117,7 +109,6 @@ def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
 def _generate(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, params, *,
               max_new_tokens: int, greedy: bool, eos_id: jax.Array, pad_id: jax.Array,
               layout: Optional[tuple[Mesh, Rules]]):
-  _TRACES["count"] += 1  # runs only while tracing
   if layout is None:
     return _generate_body(graphdef, state, layer_def, layer_states, ids, pixels, mask, key,
                           params, max_new_tokens, greedy, eos_id, pad_id)
@@ -139,17 +130,22 @@ def _generate_body(graphdef, state, layer_def, layer_states, ids, pixels, mask, 
                       max_new_tokens=max_new_tokens, greedy=greedy, eos_id=eos_id, pad_id=pad_id)
 
 
-# The mesh and rules are static: the sharding constraints are read while tracing, so a
-# program traced without them must never serve a mesh (and the other way round).
-_STATIC = dict(static_argnums=(0, 2), static_argnames=("max_new_tokens", "greedy", "layout"))
-_generate_jit = jax.jit(_generate, **_STATIC)
+def _jit_generate(compiler_options: Optional[dict[str, Any]] = None):
+  # The mesh and rules are static: the sharding constraints are read while tracing, so a
+  # program traced without them must never serve a mesh (and the other way round).
+  return jax.jit(_generate, static_argnums=(0, 2),
+                 static_argnames=("max_new_tokens", "greedy", "layout"),
+                 compiler_options=compiler_options)
+
+
+_generate_jit = _jit_generate()
 # On CPU devices decoding is matmuls of a few rows against weights streamed from memory
 # (profiled: 85-90 % of a decode step's time at batch 8, attention, cache and sampling the
 # rest). XLA's YNNPACK fusions run those dots at about 0.85x the speed of its default
 # (Eigen) dots at batch 8 (process CPU time per step, same at batch 1), so the CPU program
 # is compiled without them. The option is an XLA debug option of jaxlib 0.10.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_generate_jit_cpu = jax.jit(_generate, **_STATIC, compiler_options=CPU_COMPILER_OPTIONS)
+_generate_jit_cpu = _jit_generate(CPU_COMPILER_OPTIONS)
 
 
 # --- shardings ----------------------------------------------------------------------------------
@@ -213,7 +209,7 @@ class InferenceProgram:
     """How many slices the batch is split into (1 without a mesh)."""
     if self.mesh is None:
       return 1
-    axes = tuple(self.batch_sharding(1).spec)[0] or ()
+    axes = tuple(logical_to_spec(("batch",), self.rules))[0] or ()
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(self.mesh.shape[a] for a in axes)
 
@@ -227,7 +223,7 @@ class InferenceProgram:
     the batch axes (as they are without a mesh)."""
     if self.mesh is None:
       return tuple(arrays)
-    out = []
+    out: list[Optional[jax.Array]] = []
     for a in arrays:
       if a is None:
         out.append(None)

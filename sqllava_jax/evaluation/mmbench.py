@@ -72,7 +72,7 @@ def read_tsv(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
         continue
       if len(cells) != len(header):
         raise ValueError(f"{path} line {n}: {len(cells)} cells for {len(header)} columns")
-      row = {k: (None if v in PANDAS_NA else v) for k, v in zip(header, cells)}
+      row: dict[str, Any] = {k: (None if v in PANDAS_NA else v) for k, v in zip(header, cells)}
       try:
         row["index"] = int(row["index"])
       except (TypeError, ValueError):
@@ -261,7 +261,7 @@ def read_matching_prompt(path: str) -> tuple[str, str]:
   `build_option_str`."""
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read(), filename=path)
-  found = {}
+  found: dict[str, str] = {}
   for fn in tree.body:
     if isinstance(fn, ast.FunctionDef) and fn.name in ("build_prompt", "build_option_str"):
       name = "tmpl" if fn.name == "build_prompt" else "s"

@@ -112,11 +112,13 @@ def grade_all(judge: Judge, protocol: Protocol, prompt: str, samples: Mapping[st
 def capability_scores(grades: Mapping[str, Mapping], samples: Mapping[str, Mapping]) -> dict:
   """`total`, `per_capability` and `per_integration` (x100, one decimal) over all samples of
   mm-vet.json (an ungraded sample counts 0), `num_samples` and `num_graded`."""
-  sums, counts = collections.Counter(), collections.Counter()
-  int_sums, int_counts = collections.Counter(), collections.Counter()
+  sums: collections.Counter[str] = collections.Counter()
+  counts: collections.Counter[str] = collections.Counter()
+  int_sums: collections.Counter[str] = collections.Counter()
+  int_counts: collections.Counter[str] = collections.Counter()
   for k, sample in samples.items():
     caps = frozenset(sample["capability"])
-    score = grades[k]["score"][0] if k in grades else 0.0
+    score: Any = grades[k]["score"][0] if k in grades else 0.0
     for c in caps:
       sums[c] += score
       counts[c] += 1

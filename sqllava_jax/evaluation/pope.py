@@ -86,7 +86,7 @@ def pope_scores(predictions: Iterable[Record] | PathLike, annotations: Any) -> d
   task = "pope"
   records = as_answer_records(predictions, task)
   index = records_by_question_id(annotations, task)
-  by_split = {split: ([], []) for split in POPE_SPLITS}
+  by_split: dict[str, tuple[list, list]] = {split: ([], []) for split in POPE_SPLITS}
   resolve = question_id_resolver(index, task)
   for prediction, annotation in match_answers(records, resolve, task):
     qid = prediction["question_id"]

@@ -62,7 +62,7 @@ def encode(tokenizer: Tokenizer, prompt: str, *, num_image_tokens: int,
                                  image_token_id=image_token_id)
 
 
-def load_image(path: str, *, size: int, aspect_ratio: str = "pad",
+def load_image(path: str, *, size: int, aspect_ratio: images.AspectRatio = "pad",
                max_pixels: int = 50_000_000) -> np.ndarray:
   """float32[size, size, 3], CLIP-normalised, as training preprocesses it. A missing or
   unreadable file raises `BadRecord` (a `ValueError`) that says which and why."""
@@ -70,7 +70,7 @@ def load_image(path: str, *, size: int, aspect_ratio: str = "pad",
                           aspect_ratio=aspect_ratio, max_pixels=max_pixels)
 
 
-def load_image_bytes(data: bytes, *, name: str, size: int, aspect_ratio: str = "pad",
+def load_image_bytes(data: bytes, *, name: str, size: int, aspect_ratio: images.AspectRatio = "pad",
                      max_pixels: int = 50_000_000) -> np.ndarray:
   """`load_image` for an encoded image already in memory; `name` appears in errors."""
   pixels = images.load_pixels(data, size=size, aspect_ratio=aspect_ratio, max_pixels=max_pixels,
@@ -78,7 +78,7 @@ def load_image_bytes(data: bytes, *, name: str, size: int, aspect_ratio: str = "
   return images.normalize(pixels)
 
 
-def load_inline_image(encoded: str, *, name: str, size: int, aspect_ratio: str = "pad"
+def load_inline_image(encoded: str, *, name: str, size: int, aspect_ratio: images.AspectRatio = "pad"
                       ) -> np.ndarray:
   """`load_image` for a base64-encoded image (MMBench's TSV `image` column)."""
   try:

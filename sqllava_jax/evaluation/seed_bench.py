@@ -45,7 +45,8 @@ def seed_scores(predictions: Any, annotations: Any, *, data_type: str = "image")
   if unknown:
     raise ValueError(f"seed_bench: question_id {unknown[0]!r} is not in SEED-Bench.json; use "
                      "the annotation file of the same release")
-  total, correct = collections.Counter(), collections.Counter()
+  total: collections.Counter[int] = collections.Counter()
+  correct: collections.Counter[int] = collections.Counter()
   answered = 0
   for q in data["questions"]:
     if q.get("data_type") != data_type:

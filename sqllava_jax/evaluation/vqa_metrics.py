@@ -92,7 +92,7 @@ def _per_type(scores: Sequence[float], types: Sequence[Any]) -> dict[str, float]
 def _accuracy_report(scores: Sequence[float], annotations: Sequence[Record]) -> dict:
   """`accuracy` and `num_questions`, plus `per_answer_type` and `per_question_type` (the
   official evaluation's other two tables) for the annotations that carry those fields."""
-  report = {"accuracy": mean(scores), "num_questions": len(scores)}
+  report: dict[str, Any] = {"accuracy": mean(scores), "num_questions": len(scores)}
   for field, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
     types = [a.get(field) for a in annotations]
     if any(t is not None for t in types):

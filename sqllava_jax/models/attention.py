@@ -26,7 +26,7 @@ KV cache, a sequence length its blocks do not divide) run `xla` instead; asking 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +94,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
   if chosen == "splash":
     return splash_attention(q, k, v, segment_ids, is_causal=is_causal, interpret=interpret)
   full = combine_masks(mask, segment_ids)
+  fused: Literal["xla", "cudnn"] = "cudnn" if chosen == "cudnn" else "xla"
   return jax.nn.dot_product_attention(q, k, v, mask=full, is_causal=is_causal,
-                                      implementation=chosen)
+                                      implementation=fused)
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -50,12 +50,13 @@ class KVCache:
            per_layer: bool = False) -> "KVCache":
     """Zeros, sharded like `CACHE_AXES` under active axis rules."""
     shape = (batch, cfg.num_kv_heads, max_len, cfg.effective_head_dim)
-    if per_layer:
-      zeros = lambda: tuple(L.shard_activation(jnp.zeros(shape, dtype), CACHE_AXES)
-                            for _ in range(cfg.num_layers))
-    else:
-      zeros = lambda: L.shard_activation(jnp.zeros((cfg.num_layers,) + shape, dtype),
-                                         STACKED_CACHE_AXES)
+
+    def zeros() -> jax.Array | tuple[jax.Array, ...]:
+      if per_layer:
+        return tuple(L.shard_activation(jnp.zeros(shape, dtype), CACHE_AXES)
+                     for _ in range(cfg.num_layers))
+      return L.shard_activation(jnp.zeros((cfg.num_layers,) + shape, dtype), STACKED_CACHE_AXES)
+
     valid = L.shard_activation(jnp.zeros((batch, max_len), bool), ("batch", "length"))
     return cls(k=zeros(), v=zeros(), valid=valid, index=jnp.zeros((), jnp.int32))
 
@@ -66,13 +67,13 @@ class KVCache:
 
 class LayerCache(NamedTuple):
   """What one layer gets of the cache: the stacked k, v [L, B, K, S, H] and its own index
-  in them, or (layer None) its own k, v [B, K, S, H]; the first slot to write; and whether
+  in them, or (layer None) its own k, v [B, K, S, H]; `start`, the first slot to write; and whether
   the cache held nothing before (a prefill: the new tokens attend only to each other,
   through the training attention, and are then written; no [T, S] scores over the cache)."""
   k: jax.Array
   v: jax.Array
   layer: Any
-  index: jax.Array
+  start: jax.Array
   fresh: bool = False
 
 
@@ -134,7 +135,7 @@ class Attention(nnx.Module):
                       block_size=self.block_size)
     if cache_kv is not None:
       c = cache_kv
-      ck, cv = write_slots(c.k, k, c.layer, c.index), write_slots(c.v, v, c.layer, c.index)
+      ck, cv = write_slots(c.k, k, c.layer, c.start), write_slots(c.v, v, c.layer, c.start)
       new_kv = (ck, cv)
     if cache_kv is not None and not cache_kv.fresh:
       this_k, this_v = (ck, cv) if c.layer is None else (ck[c.layer], cv[c.layer])

@@ -83,7 +83,8 @@ class Linear(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *,
-               axes: tuple[Optional[str], Optional[str]], use_bias: bool = False, lora_rank: int = 0, lora_alpha: float = 0.0,
+               axes: tuple[Optional[str], Optional[str]], use_bias: bool = False,
+               lora_rank: int = 0, lora_alpha: float = 0.0,
                lora_dropout: float = 0.0, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     init = jax.nn.initializers.normal(stddev=0.02)

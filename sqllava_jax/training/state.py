@@ -21,22 +21,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sqllava_jax.config import Config, ModelConfig
 from sqllava_jax.models.layers import dtype_of
 from sqllava_jax.models.sqllava import SQLLaVA, abstract_model
-from sqllava_jax.parallel.logical import Rules
-from sqllava_jax.parallel.mesh import logical_sharding, replicated
+from sqllava_jax.parallel.logical import Rules, logical_to_spec
+from sqllava_jax.parallel.mesh import replicated, state_shardings
+from sqllava_jax.training.checkpoint import Checkpointer, abstract_params, config_from_meta
 from sqllava_jax.training.optimizer import flat, unflat
-from sqllava_jax.training.param_groups import path_str
 
 log = logging.getLogger(__name__)
 
 
 def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules: Rules) -> dict:
   """NamedSharding per parameter (nested dict), from each parameter's logical axis names."""
-  state = nnx.state(abstract_model(model_cfg), nnx.Param)
-  out = {}
-  for path, var in nnx.to_flat_state(state):
-    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-    out[path_str(path)] = logical_sharding(names, tuple(var.shape), mesh, rules)
-  return unflat(out)
+  params = nnx.state(abstract_model(model_cfg), nnx.Param)
+  return nnx.to_pure_dict(state_shardings(params, mesh, rules))
 
 
 def like_params_shardings(tree: Any, pshard: Mapping, mesh: Mesh) -> Any:
@@ -76,7 +72,6 @@ def copy_from_checkpoint(params: Mapping, path: str, exclude: Sequence[str], mes
                          rules: Rules) -> tuple[dict, dict[str, int]]:
   """Overwrites parameters with the same path and shape from the checkpoint at `path`,
   except those matching `exclude`; returns (params, counts of copied/kept/ignored)."""
-  from sqllava_jax.training.checkpoint import Checkpointer, abstract_params, config_from_meta
   ckpt = Checkpointer(path, read_only=True)
   source_cfg = config_from_meta(ckpt.read_meta())
   src_shard = param_shardings(source_cfg.model, mesh, rules)
@@ -107,7 +102,6 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 def batch_shardings(mesh: Mesh, rules: Rules, batch: Mapping[str, np.ndarray]) -> dict:
   """[A, B, ...] batches: the micro-batch axis replicated, B sharded like logical `batch`."""
-  from sqllava_jax.parallel.logical import logical_to_spec
   spec = logical_to_spec(("batch",), rules)
   return {k: NamedSharding(mesh, PartitionSpec(None, *spec)) for k in batch}
 

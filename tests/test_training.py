@@ -172,7 +172,8 @@ def test_gradients_reach_the_vit_lora_of_every_used_layer(tmp_path, data_dir):
   trainer = Trainer(tiny_cfg(tmp_path, data_dir), mesh=one_device())
   state = trainer.fresh_state()
   batch = first_batch(trainer)
-  grads = jax.jit(jax.grad(lambda p: forward_loss(trainer.graphdef, p, batch, None, 16)[0]))(
+  graphdef = trainer.program.graphdef
+  grads = jax.jit(jax.grad(lambda p: forward_loss(graphdef, p, batch, None, 16)[0]))(
       state["params"])
   g = host_params(grads)
   used = trainer.cfg.model.vision.feature_layer_count
@@ -228,7 +229,8 @@ def test_nonfinite_update_is_skipped_and_counted(tmp_path, data_dir):
   state["params"]["llm"]["norm"]["scale"] = state["params"]["llm"]["norm"]["scale"] * jnp.nan
   batch = next(iter(trainer.pipeline))
   from sqllava_jax.training.state import global_batch
-  state, m = trainer.train_step(state, global_batch(batch, trainer.batch_shardings, 1))
+  program = trainer.program
+  state, m = program.train_step(state, global_batch(batch, program.batch_shardings, 1))
   assert not math.isfinite(float(m["loss"]))
   assert float(m["skipped_updates"]) == 1
   after = host_params(state["params"])

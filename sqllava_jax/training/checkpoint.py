@@ -33,6 +33,7 @@ from flax import nnx
 
 from sqllava_jax import configlib
 from sqllava_jax.config import Config
+from sqllava_jax.models.sqllava import abstract_model
 from sqllava_jax.training import integrity
 from sqllava_jax.training.integrity import DamagedCheckpointError
 from sqllava_jax.training.on_main import barrier, on_main
@@ -62,8 +63,11 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int = 1, keep: Optional[int] = None,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    # The interval alone: orbax's default policy would also save the first step of a fresh
+    # run and at preemption sync points; the trainer forces the saves it wants off the interval.
+    interval = ocp.checkpoint_managers.FixedIntervalPolicy(max(save_every, 1))
     self.options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(save_every, 1), max_to_keep=keep,
+        save_decision_policy=interval, max_to_keep=keep,
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
         temporary_path_class=integrity.temporary_path_class(self.directory))
     # A writer starts by removing the temporary directories of saves that were killed.
@@ -90,10 +94,17 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is one of the interval's (and newer than the latest saved step)."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, *, params: Any, meta: Mapping[str, Any], train: Any = None,
            data_iter: Any = None, force: bool = False) -> bool:
-    """Starts (async) or writes the save of `step`. Raises CheckpointSaveError for this step,
-    or first for an earlier async save that failed since the last call."""
+    """Starts (async) or writes the save of `step` if it is one of the interval's or `force`;
+    returns whether it did. Raises CheckpointSaveError for this step, or first for an earlier
+    async save that failed since the last call."""
+    if not force and not self.should_save(step):
+      return False
     self.wait()
     items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(dict(meta))}
     if train is not None:
@@ -214,7 +225,6 @@ class Checkpointer:
 
 def abstract_params(model_cfg, shardings: Any = None) -> Any:
   """Shape/dtype (and sharding) skeleton of the parameters, for restoring without init."""
-  from sqllava_jax.models.sqllava import abstract_model
   state = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param))
   if shardings is None:
     return state
@@ -242,7 +252,6 @@ def load_model(directory: str, *, step: Optional[int] = None, overrides: Sequenc
 
   The config is the one saved with the checkpoint; `overrides` (`key.sub=value`) may change
   runtime fields such as `model.compute_dtype` or `model.attention_impl`."""
-  from sqllava_jax.models.sqllava import abstract_model
   ckpt = Checkpointer(directory, read_only=True)
   step = ckpt.latest_step() if step is None else step
   if step is None:

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 from tqdm import tqdm
@@ -43,17 +43,16 @@ class Trainer:
   def __init__(self, cfg: Config, *, mesh=None):
     self.cfg = cfg
     self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
-    self.rules = cfg.mesh.rules
-    self.accum = cfg.train.grad_accum_steps
     local_devices = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
-    self.rows_per_step = cfg.train.per_device_batch_size * local_devices * self.accum
+    self.rows_per_step = (cfg.train.per_device_batch_size * local_devices
+                          * cfg.train.grad_accum_steps)
     self.is_main = jax.process_index() == 0
     self.lock = self._lock_output_dir()
     try:
       self._build_pipeline()
-      self._build_program()
-      self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), save_every=1,
-                               keep=cfg.train.keep_checkpoints,
+      self.program = TrainProgram(cfg, self.mesh, self.total_steps)
+      self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"),
+                               save_every=cfg.train.save_every, keep=cfg.train.keep_checkpoints,
                                async_save=cfg.train.async_checkpointing)
     except BaseException:
       self.lock.release()
@@ -87,12 +86,6 @@ class Trainer:
                        f"{self.rows_per_step} rows per process; lower train.per_device_batch_size "
                        "or grad_accum_steps, or set train.max_steps")
 
-  def _build_program(self) -> None:
-    self.program = TrainProgram(self.cfg, self.mesh, self.total_steps)
-    for name in ("graphdef", "labels", "optimizer", "shardings", "abstract_state",
-                 "batch_shardings", "train_step"):
-      setattr(self, name, getattr(self.program, name))
-
   def fresh_state(self) -> dict:
     return self.program.fresh_state(self.cfg.seed)
 
@@ -103,7 +96,7 @@ class Trainer:
     self._set_aside(damaged)
     if latest is None:
       return self.fresh_state(), it
-    a = self.abstract_state
+    a = self.program.abstract_state
     out = self.ckpt.restore(latest, params=a["params"],
                             train={k: a[k] for k in ("opt_state", "step", "rng")}, data_iter=it,
                             verify=False)
@@ -140,7 +133,7 @@ class Trainer:
       while step < self.total_steps and not self.stop_requested:
         local = next(it)
         self._record_order(step + 1, local)
-        state, metrics = self.train_step(state, self.program.global_batch(local))
+        state, metrics = self.program.train_step(state, self.program.global_batch(local))
         step += 1
         pending.append((step, metrics))
         if self.cfg.train.nonfinite == "stop":
@@ -148,12 +141,12 @@ class Trainer:
         if step % self.cfg.train.log_every == 0 or step == self.total_steps:
           window = self._flush(pending, logger, bar, it, window)
           pending = []
-        if step % self.cfg.train.save_every == 0 or step == self.total_steps:
+        if step == self.total_steps or self.ckpt.should_save(step):
           self._save(step, state, it)
       if pending:
         self._flush(pending, logger, bar, it, window)
       if self.stop_requested:
-        self._save(step, state, it, force=True)
+        self._save(step, state, it, wait=True)
       self._wait_for_last_save()
     finally:
       bar.close()
@@ -166,23 +159,26 @@ class Trainer:
   def _on_sigterm(self, signum, frame) -> None:
     self.stop_requested = True
 
-  def _save(self, step: int, state: dict, it, force: bool = False) -> None:
-    """Saves `step` (waits for it if `force`). A failed earlier async save is reported by the
-    first attempt; with `on_save_error: continue` this step is then tried once more."""
+  def _save(self, step: int, state: dict, it, wait: bool = False) -> None:
+    """Saves `step`: one of the checkpointer's interval (`train.save_every`), or off it the
+    run's last: the final step, or SIGTERM and a non-finite stop (which `wait` for it). A
+    failed earlier async save is reported by the first attempt; with `on_save_error:
+    continue` this step is then tried once more."""
     if step in self.ckpt.all_steps():  # e.g. SIGTERM right after a scheduled save
       return
+    last = wait or step == self.total_steps
     meta = {"config": configlib.to_dict(self.cfg), "step": step,
             "skipped_examples": it.skipped, "total_steps": self.total_steps}
     for _ in range(2):
       try:
         self.ckpt.save(step, params=state["params"], meta=meta,
                        train={k: state[k] for k in ("opt_state", "step", "rng")}, data_iter=it,
-                       force=True)
-        if force:
+                       force=last)
+        if wait:
           self.ckpt.wait()
         return
       except CheckpointSaveError as e:
-        self._save_failed(e, last=(force or step == self.total_steps) and e.step == step)
+        self._save_failed(e, last=last and e.step == step)
         if e.step == step:
           return
 
@@ -212,7 +208,7 @@ class Trainer:
   def _stop_if_nonfinite(self, step, state, it, metrics) -> None:
     loss, gnorm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
-      self._save(step, state, it, force=True)
+      self._save(step, state, it, wait=True)
       raise NonFiniteError(f"step {step}: loss={loss}, grad_norm={gnorm}; the update was skipped "
                            f"and a checkpoint saved in {self.ckpt.directory}")
 

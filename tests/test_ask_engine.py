@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sqllava_jax import cli
-from sqllava_jax.data.records import parse_record, relabel_self_questions
+from sqllava_jax.data.conversations import parse_record, relabel_self_questions
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER
 from sqllava_jax.evaluation import data_parallel
 from sqllava_jax.evaluation.self_questioning import DESCRIBE

@@ -15,7 +15,7 @@ from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.examples import ExampleBuilder
 from sqllava_jax.data.sources import JsonSource
 from sqllava_jax.data.labels import tokenize_conversation
-from sqllava_jax.data.records import parse_record, relabel_self_questions
+from sqllava_jax.data.conversations import parse_record, relabel_self_questions
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER, build_prompt, get_template
 from sqllava_jax.data.tokenizer import Tokenizer
 

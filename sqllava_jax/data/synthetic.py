@@ -60,7 +60,7 @@ import numpy as np
 import sentencepiece as spm
 from PIL import Image, ImageDraw
 
-from sqllava_jax.data.records import parse_record
+from sqllava_jax.data.conversations import parse_record
 from sqllava_jax.data.templates import USER, VUSER, build_prompt, get_template
 from sqllava_jax.data.tokenizer import IMAGE_TOKEN
 

@@ -78,7 +78,7 @@ def answer_accuracy(engine: Engine, cfg, data_dir: str, out_dir: str, plan: Eval
 def answer_examples(answers: str, questions: list[dict], images_dir: str) -> list[dict]:
   """Each answered question in question order: its image's path, the question, the model's
   answer, the gold answer and whether they match (as `synthetic_vqa` scores)."""
-  from sqllava_jax.evaluation.records import as_answer_records
+  from sqllava_jax.evaluation.answers import as_answer_records
   said = {r["question_id"]: r["text"] for r in as_answer_records(answers, "synthetic_vqa")}
   return [{"image": resolve_image_path(images_dir, q["image"]), "question": q["text"],
            "answer": said[q["question_id"]], "gold": q["answer"],

@@ -39,7 +39,7 @@ from pycocoevalcap.meteor import meteor as meteor_module
 from pycocoevalcap.spice import spice as spice_module
 from pycocoevalcap.tokenizer import ptbtokenizer as ptb_module
 
-from sqllava_jax.evaluation.records import PathLike, Record, as_answer_records, index_unique
+from sqllava_jax.evaluation.answers import PathLike, Record, as_answer_records, index_unique
 
 CAPTION_METRICS = ("bleu", "meteor", "cider_d", "spice")
 TOKENIZERS = ("auto", "ptb", "simple")

@@ -26,7 +26,7 @@ from sqllava_jax.evaluation.mme import (MME_COGNITION, MME_PERCEPTION, load_mme_
 from sqllava_jax.evaluation.pope import (POPE_SPLITS, binary_scores, parse_yes_no_pope,
                                          pope_annotations, pope_scores)
 from sqllava_jax.evaluation.qa_metrics import gqa_accuracy, parse_choice, scienceqa_accuracy
-from sqllava_jax.evaluation.records import load_json_or_jsonl
+from sqllava_jax.evaluation.answers import load_json_or_jsonl
 from sqllava_jax.evaluation.vqa_metrics import (normalize_answer, normalize_answer_evalai,
                                                 textvqa_accuracy, vizwiz_accuracy,
                                                 vqa_soft_score, vqav2_accuracy)

@@ -37,7 +37,7 @@ import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sqllava_jax.evaluation import xlsx
-from sqllava_jax.evaluation.records import as_answer_records, mean
+from sqllava_jax.evaluation.answers import as_answer_records, mean
 
 OPTION_LETTERS = "ABCD"
 CIRCULAR_STRIDE = 1_000_000

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqllava_jax.evaluation.records import (PathLike, Record, as_answer_records, match_answers,
+from sqllava_jax.evaluation.answers import (PathLike, Record, as_answer_records, match_answers,
                                             mean, question_id_resolver, records_by_question_id)
 
 POPE_SPLITS = ("random", "popular", "adversarial")

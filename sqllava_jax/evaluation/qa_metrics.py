@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqllava_jax.evaluation.records import (PathLike, Record, as_answer_records, lookup,
+from sqllava_jax.evaluation.answers import (PathLike, Record, as_answer_records, lookup,
                                             match_answers, mean, question_id_resolver,
                                             records_by_question_id)
 

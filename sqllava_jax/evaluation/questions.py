@@ -24,7 +24,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 from sqllava_jax.data.errors import BadRecord, SkipLog
-from sqllava_jax.evaluation.records import load_json_or_jsonl
+from sqllava_jax.evaluation.answers import load_json_or_jsonl
 from sqllava_jax.evaluation.self_questioning import DESCRIBE
 
 MALFORMED = "malformed"  # the key of a record that could not be read, holding why

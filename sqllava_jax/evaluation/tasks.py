@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from sqllava_jax.data import synthetic
 from sqllava_jax.evaluation import metrics
-from sqllava_jax.evaluation.records import as_answer_records, lookup, mean, records_by_question_id
+from sqllava_jax.evaluation.answers import as_answer_records, lookup, mean, records_by_question_id
 
 GENERATION_TASKS = (*metrics.TASKS, "synthetic_vqa", "synthetic_sq")
 SELF_ANNOTATED = ("synthetic_vqa", "synthetic_sq")

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqllava_jax.evaluation.answer_normalization import EVALAI, VIZWIZ, VQA, strip_whitespace
-from sqllava_jax.evaluation.records import (PathLike, Record, as_answer_records, index_unique,
+from sqllava_jax.evaluation.answers import (PathLike, Record, as_answer_records, index_unique,
                                             match_answers, mean, question_id_resolver,
                                             records_by_question_id, unknown_question)
 

@@ -15,8 +15,8 @@ from sqllava_jax import cli
 from sqllava_jax.training import integrity
 from sqllava_jax.training.checkpoint import (Checkpointer, DamagedCheckpointError, PARAMS,
                                              abstract_params, config_from_meta, load_model)
-from sqllava_jax.training.optimizer import flat
 from sqllava_jax.training.trainer import Trainer
+from sqllava_jax.tree_paths import flat
 from tests.checkpoint_helpers import trained  # noqa: F401  (a fixture)
 from tests.train_helpers import CONFIG, tiny_cfg
 

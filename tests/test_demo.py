@@ -93,7 +93,7 @@ def test_fast_demo_writes_report_curves_and_exports(fast_demo):
 def _params(stage_dir):
   from flax import nnx
   from sqllava_jax.training.checkpoint import load_model
-  from sqllava_jax.training.optimizer import flat
+  from sqllava_jax.tree_paths import flat
   model, cfg = load_model(str(stage_dir / "checkpoints"))
   params = {k: np.asarray(v) for k, v in flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
   return params, cfg

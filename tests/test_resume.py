@@ -44,7 +44,7 @@ def final_params(out):
   step = ckpt.latest_step()
   from sqllava_jax.training.checkpoint import load_model
   from flax import nnx
-  from sqllava_jax.training.optimizer import flat
+  from sqllava_jax.tree_paths import flat
   model, _ = load_model(os.path.join(out, "checkpoints"))
   return step, {k: np.asarray(v) for k, v in flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from sqllava_jax.training.checkpoint import Checkpointer, CheckpointSaveError, load_model
-from sqllava_jax.training.optimizer import flat
 from sqllava_jax.training.trainer import Trainer
+from sqllava_jax.tree_paths import flat
 from tests.checkpoint_helpers import trained  # noqa: F401  (a fixture)
 from tests.train_helpers import CONFIG, metrics, subprocess_env, tiny_cfg
 

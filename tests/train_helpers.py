@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from sqllava_jax.config import load_config
-from sqllava_jax.training.optimizer import flat
+from sqllava_jax.tree_paths import flat
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
 

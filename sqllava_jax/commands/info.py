@@ -10,7 +10,8 @@ from flax import nnx
 
 from sqllava_jax.config import load_config
 from sqllava_jax.models.sqllava import COMPONENTS, abstract_model, component_of
-from sqllava_jax.training.param_groups import assign_groups, group_by_name, path_str
+from sqllava_jax.training.param_groups import assign_groups, group_by_name
+from sqllava_jax.tree_paths import path_str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ import dataclasses
 from typing import Callable, Mapping
 
 from sqllava_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
-from sqllava_jax.training.optimizer import flat
+from sqllava_jax.tree_paths import flat
 
 Trains = Callable[[str], bool]
 

@@ -13,21 +13,13 @@ from typing import Any, Mapping
 
 import jax
 import optax
-from flax import traverse_util
 
 from sqllava_jax.config import TrainConfig
 from sqllava_jax.training.param_groups import assign_groups_flat
+from sqllava_jax.tree_paths import flat, unflat
 
 FROZEN_VIT_LORA = "vit_lora_frozen"
 _VIT_LORA = re.compile(r"^vision/.*/lora_[ab]$")
-
-
-def flat(tree: Mapping) -> dict[str, Any]:
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
-def unflat(items: Mapping[str, Any]) -> dict:
-  return traverse_util.unflatten_dict(dict(items), sep="/")
 
 
 def param_labels(params: Mapping, cfg: TrainConfig) -> dict:

@@ -13,10 +13,7 @@ from typing import Sequence
 from flax import nnx
 
 from sqllava_jax.config import ParamGroup
-
-
-def path_str(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
+from sqllava_jax.tree_paths import path_str
 
 
 def assign_groups(state: nnx.State, groups: Sequence[ParamGroup]) -> dict[str, str]:

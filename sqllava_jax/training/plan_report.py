@@ -53,7 +53,7 @@ def _flops_dict(f: fl.Flops) -> dict:
 
 def _parameters(program) -> dict:
   """Trainable and frozen parameter counts under the config's groups."""
-  from sqllava_jax.training.optimizer import flat
+  from sqllava_jax.tree_paths import flat
   sizes = {k: math.prod(v.shape) for k, v in flat(program.abstract_state["params"]).items()}
   trains = flat(program.trainable)
   trainable = sum(n for k, n in sizes.items() if trains[k])

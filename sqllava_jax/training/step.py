@@ -23,7 +23,8 @@ from flax import nnx
 from sqllava_jax.data.labels import IGNORE_INDEX
 from sqllava_jax.parallel.logical import Rules, axis_rules
 from sqllava_jax.training.loss import next_token_loss, shift_targets
-from sqllava_jax.training.optimizer import flat, skipped_updates, unflat
+from sqllava_jax.training.optimizer import skipped_updates
+from sqllava_jax.tree_paths import flat, unflat
 
 # The batch arrays the model and its loss read (training and the held-out loss).
 MODEL_INPUTS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values")

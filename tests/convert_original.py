@@ -144,7 +144,7 @@ def randomize_lora_(model, seed):
 def train_original(llama_cfg, base_state, clip, *, llm_lora: bool, seed: int):
   """What train.py holds after training: the LLaVA tree on the base, PEFT around it (stage 2),
   the tower and the cluster projector added, then the ViT-LoRA injected into that tower."""
-  import peft
+  import peft  # Slow to import; only the LoRA layouts need it.
   model = transformers.LlamaForCausalLM(llama_cfg)
   model.model.mm_projector = Clustering(32, llama_cfg.hidden_size)
   model.load_state_dict(base_state, strict=False)
@@ -227,7 +227,7 @@ def strip_non_lora(state):
 
 def original_load(model_dir, base_dir=None, lora_pt=None):
   """builder.py's load_pretrained_model in fp32: (LLM with projector, tower, config)."""
-  import peft
+  import peft  # Slow to import; only the LoRA layouts need it.
   name = os.path.basename(str(model_dir).rstrip("/")).lower()
   assert "llava" in name, "the original loads a plain LM for this name"
   with open(os.path.join(model_dir, "config.json")) as f:

@@ -134,7 +134,7 @@ def test_clip_export_hidden_states_match_jax(cluster, exports):
 
 
 def test_peft_adapters_on_the_base_export_equal_the_merged_export(exports):
-  import peft
+  import peft  # Slow to import; only the LoRA layouts need it.
   ids = text_ids(2, SEQ, TOKENIZER_VOCAB, seed=2)
   merged = hf_logits(llama(exports["llama"]), ids)
   with_adapters = peft.PeftModel.from_pretrained(llama(exports["llama_base"]),

@@ -108,7 +108,7 @@ def ref(tmp_path_factory):
 
 def merged_llama(ref):
   """transformers' LLaMA with the LoRA folded in by peft itself (reference `merge_and_unload`)."""
-  import peft
+  import peft  # Slow to import; only the LoRA layouts need it.
   base = transformers.LlamaForCausalLM.from_pretrained(ref["root"] / "vicuna",
                                                        attn_implementation="eager")
   return peft.PeftModel.from_pretrained(base, ref["root"] / "sqllava-lora").merge_and_unload().eval()

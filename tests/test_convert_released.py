@@ -291,7 +291,7 @@ def test_vit_lora_of_either_clip_naming_imports_the_same(released, stage1_import
 
 
 def test_stage1_export_starts_the_originals_eval_and_stage2(released, stage1_import, tmp_path):
-  import peft
+  import peft  # Slow to import; only the LoRA layouts need it.
   root = released["root"]
   model, _ = stage1_import
   out = export_cli(root / "imported-stage1", tmp_path / "sqllava-stage1", "sqllava-stage1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from sqllava_jax.training import flops as fl
+from sqllava_jax.training import flops
 
 FLOPS_COUNT = ("model FLOPs of one optimizer step over the whole global batch, counted "
                "analytically (training/flops.py): forward of every weight, input gradients "
@@ -22,7 +22,7 @@ def summary(result: dict, *, config_path: str, devices: int, batch: int, seq_len
             wall_s: float) -> dict:
   cfg, program, mem = result["config"], result["program"], result["memory"]
   parts = result["model_flops"]
-  model = fl.total(parts)
+  model = flops.total(parts)
   return {
       "config": config_path, "devices": devices,
       "mesh": {k: int(v) for k, v in program.mesh.shape.items()},
@@ -46,7 +46,7 @@ def summary(result: dict, *, config_path: str, devices: int, batch: int, seq_len
   }
 
 
-def _flops_dict(f: fl.Flops) -> dict:
+def _flops_dict(f: flops.Flops) -> dict:
   return {"forward": f.forward, "input_grad": f.input_grad, "weight_grad": f.weight_grad,
           "total": f.total}
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from sqllava_jax.config import Config, replace
 from sqllava_jax.models.layers import dtype_of
 from sqllava_jax.parallel.mesh import make_mesh
-from sqllava_jax.training import flops as fl
+from sqllava_jax.training import flops
 from sqllava_jax.training import hlo_stats
 from sqllava_jax.training.program import TrainProgram
 
@@ -112,8 +112,8 @@ def memory(compiled) -> dict[str, int]:
   return out
 
 
-def model_flops(program: TrainProgram, rows: int, seq_len: int) -> dict[str, fl.Flops]:
-  return fl.step_flops(program.cfg.model, program.trainable, rows, seq_len)
+def model_flops(program: TrainProgram, rows: int, seq_len: int) -> dict[str, flops.Flops]:
+  return flops.step_flops(program.cfg.model, program.trainable, rows, seq_len)
 
 
 def plan(cfg: Config, *, devices: int, batch: int, seq_len: int, as_accelerator: bool = True,

@@ -134,7 +134,7 @@ class Ours:
 
   def model_flops(self, s: Shapes):
     from sqllava_jax.training import flops  # pylint: disable=g-import-not-at-top
-    from sqllava_jax.training.optimizer import flat  # pylint: disable=g-import-not-at-top
+    from sqllava_jax.tree_paths import flat  # pylint: disable=g-import-not-at-top
     parts = flops.step_flops(self.cfg.model, flat(self.program.trainable), s.batch, s.seq)
     return parts, flops.total(parts)
 

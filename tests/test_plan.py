@@ -16,6 +16,7 @@ from sqllava_jax.models.sqllava import abstract_model
 from sqllava_jax.training import flops as fl
 from sqllava_jax.training import hlo_stats
 from sqllava_jax.training import optimizer as opt
+from sqllava_jax.tree_paths import flat
 
 TINY = "configs/tiny.yaml"
 
@@ -76,7 +77,7 @@ def trainable(cfg) -> dict:
   """Flat parameter path -> trains, under the config's parameter groups."""
   params = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))
   labels = opt.param_labels(params, cfg.train)
-  return opt.flat(opt.trainable_mask(labels, cfg.train))
+  return flat(opt.trainable_mask(labels, cfg.train))
 
 
 def test_model_flops_match_a_hand_count():

@@ -19,6 +19,7 @@ from sqllava_jax.data.labels import IGNORE_INDEX
 from sqllava_jax.training.loss import chunked_cross_entropy, fused_cross_entropy
 from sqllava_jax.training.step import forward_loss
 from sqllava_jax.training.trainer import NonFiniteError, Trainer
+from sqllava_jax.tree_paths import flat
 from tests.train_helpers import host_params, metrics, tiny_cfg, trainable
 
 
@@ -42,7 +43,7 @@ def test_frozen_parameters_have_no_optimizer_state(tmp_path, data_dir):
   state = jax.eval_shape(opt.make_optimizer(cfg.train, labels, 10).init, params)
   paths = ["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
            for path, _ in jax.tree_util.tree_leaves_with_path(state)]
-  frozen = [p for p, g in opt.flat(labels).items() if g == "frozen_bases"]
+  frozen = [p for p, g in flat(labels).items() if g == "frozen_bases"]
   assert "llm/layers/mlp/down_proj/kernel" in frozen and "vision/patch_embedding" in frozen
   for name in frozen:
     assert not any(p.endswith(name) for p in paths), f"optimizer state holds frozen {name}"
@@ -195,13 +196,13 @@ def test_freeze_vit_lora_reproduces_the_reference(tmp_path, data_dir):
   cfg = tiny_cfg(tmp_path, data_dir, "train.freeze_vit_lora=true", "train.warmup_ratio=0")
   params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract_params(cfg))
   labels = opt.param_labels(params, cfg.train)
-  assert opt.flat(labels)["vision/layers/fc1/lora_b"] == opt.FROZEN_VIT_LORA
-  assert opt.flat(labels)["llm/layers/mlp/up_proj/lora_b"] == "llm_lora"
+  assert flat(labels)["vision/layers/fc1/lora_b"] == opt.FROZEN_VIT_LORA
+  assert flat(labels)["llm/layers/mlp/up_proj/lora_b"] == "llm_lora"
   tx = opt.make_optimizer(cfg.train, labels, 10)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, state, params)
-  upd = opt.flat(updates)
+  upd = flat(updates)
   assert float(jnp.abs(upd["vision/layers/fc1/lora_b"]).max()) == 0
   assert float(jnp.abs(upd["vision/layers/self_attn/q_proj/lora_a"]).max()) == 0
   assert float(jnp.abs(upd["projector/c/kernel"]).max()) > 0

@@ -24,7 +24,7 @@ from sqllava_jax.models.sqllava import SQLLaVA, abstract_model
 from sqllava_jax.parallel.logical import Rules, logical_to_spec
 from sqllava_jax.parallel.mesh import replicated, state_shardings
 from sqllava_jax.training.checkpoint import Checkpointer, abstract_params, config_from_meta
-from sqllava_jax.training.optimizer import flat, unflat
+from sqllava_jax.tree_paths import flat, unflat
 
 log = logging.getLogger(__name__)
 

@@ -55,19 +55,24 @@ class KeySpec:
 
 
 def linear_specs(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
-  """A torch `nn.Linear` (weight [out, in], optional bias) as our kernel [in, out] + bias."""
-  specs = [KeySpec(f"{ours}/kernel", f"{hf}.weight", transpose, transpose, num_layers)]
+  """The key map of a torch `nn.Linear` (weight [out, in], optional bias): our kernel
+  [in, out] + bias."""
+  key_map = [KeySpec(f"{ours}/kernel", f"{hf}.weight", transpose, transpose, num_layers)]
   if bias:
-    specs.append(KeySpec(f"{ours}/bias", f"{hf}.bias", num_layers=num_layers))
-  return specs
+    key_map.append(KeySpec(f"{ours}/bias", f"{hf}.bias", num_layers=num_layers))
+  return key_map
 
 
 def norm_specs(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
-  specs = [KeySpec(f"{ours}/scale", f"{hf}.weight", num_layers=num_layers)]
+  """The key map of a LayerNorm or RMSNorm (weight, optional bias): our scale + bias."""
+  key_map = [KeySpec(f"{ours}/scale", f"{hf}.weight", num_layers=num_layers)]
   if bias:
-    specs.append(KeySpec(f"{ours}/bias", f"{hf}.bias", num_layers=num_layers))
-  return specs
+    key_map.append(KeySpec(f"{ours}/bias", f"{hf}.bias", num_layers=num_layers))
+  return key_map
 
 
-def prefixed(specs: Sequence[KeySpec], ours_prefix: str = "", hf_prefix: str = "") -> list[KeySpec]:
-  return [dataclasses.replace(s, ours=ours_prefix + s.ours, hf=hf_prefix + s.hf) for s in specs]
+def prefixed(key_map: Sequence[KeySpec], ours_prefix: str = "",
+             hf_prefix: str = "") -> list[KeySpec]:
+  """`key_map` with `ours_prefix` and `hf_prefix` in front of every path and name (a module
+  inside the full model, a checkpoint that wraps it)."""
+  return [dataclasses.replace(s, ours=ours_prefix + s.ours, hf=hf_prefix + s.hf) for s in key_map]

@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sqllava_jax.data.labels import IGNORE_INDEX
+from sqllava_jax.data.pipeline import make_pipeline
 from sqllava_jax.evaluation import data_parallel
 from sqllava_jax.training.step import MODEL_INPUTS, forward_loss
 
@@ -80,7 +81,6 @@ def evaluate_loss(model: nnx.Module, cfg, *, batch_size: int,
                   mesh: Optional[jax.sharding.Mesh] = None, progress: bool = True) -> dict:
   """Loss and perplexity of `model` on the records `cfg.data` names (every one, in order).
   batch_size is global; with `mesh` the rows are split over its data-parallel axes."""
-  from sqllava_jax.data.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
   count = jax.process_count()
   if batch_size % count:
     raise ValueError(f"batch size {batch_size} is not divisible by {count} processes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from sqllava_jax.training import flops
+from sqllava_jax.tree_paths import flat
 
 FLOPS_COUNT = ("model FLOPs of one optimizer step over the whole global batch, counted "
                "analytically (training/flops.py): forward of every weight, input gradients "
@@ -53,7 +54,6 @@ def _flops_dict(f: flops.Flops) -> dict:
 
 def _parameters(program) -> dict:
   """Trainable and frozen parameter counts under the config's groups."""
-  from sqllava_jax.tree_paths import flat
   sizes = {k: math.prod(v.shape) for k, v in flat(program.abstract_state["params"]).items()}
   trains = flat(program.trainable)
   trainable = sum(n for k, n in sizes.items() if trains[k])

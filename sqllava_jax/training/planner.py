@@ -30,8 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from sqllava_jax.config import Config, replace
+from sqllava_jax.evaluation.inference_program import InferenceProgram
+from sqllava_jax.models import lora
 from sqllava_jax.models.layers import dtype_of
-from sqllava_jax.parallel.mesh import make_mesh
+from sqllava_jax.models.llama import STACKED_CACHE_AXES
+from sqllava_jax.models.sqllava import abstract_model
+from sqllava_jax.parallel.mesh import logical_sharding, make_mesh
 from sqllava_jax.training import flops
 from sqllava_jax.training import hlo_stats
 from sqllava_jax.training.program import TrainProgram
@@ -142,9 +146,6 @@ def plan(cfg: Config, *, devices: int, batch: int, seq_len: int, as_accelerator:
 def inference_program(cfg: Config, devices: int, *, unstack_layers: bool = False):
   """The generation program of `cfg` on its mesh over `devices` CPU devices, on shape-only
   weights with the adapters merged (as the inference commands load them)."""
-  from sqllava_jax.evaluation.inference_program import InferenceProgram
-  from sqllava_jax.models import lora
-  from sqllava_jax.models.sqllava import abstract_model
   available = jax.devices()
   if len(available) < devices:
     raise ValueError(f"{devices} devices requested, {len(available)} available; start with "
@@ -168,8 +169,6 @@ def sharded_bytes(tree) -> int:
 def kv_cache_bytes(cfg: Config, program, batch: int, slots: int) -> int:
   """Per-device bytes of the KV cache: k and v [layers, B, kv heads, slots, head dim] in the
   compute dtype, sharded like `models.llama.STACKED_CACHE_AXES`."""
-  from sqllava_jax.models.llama import STACKED_CACHE_AXES
-  from sqllava_jax.parallel.mesh import logical_sharding
   llm = cfg.model.llm
   shape = (llm.num_layers, batch, llm.num_kv_heads, slots, llm.effective_head_dim)
   sharding = logical_sharding(STACKED_CACHE_AXES, shape, program.mesh, program.rules)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from sqllava_jax import configlib
 from sqllava_jax.config import Config
+from sqllava_jax.data.pipeline import make_pipeline
 from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.training.checkpoint import Checkpointer, CheckpointSaveError
 from sqllava_jax.training.logger import MetricsLogger, plot_loss_curve, read_metrics
@@ -70,7 +71,6 @@ class Trainer:
     return lock
 
   def _build_pipeline(self) -> None:
-    from sqllava_jax.data.pipeline import make_pipeline
     forever = self.cfg.train.max_steps > 0
     if self.cfg.data.packing and not forever:
       raise ValueError("data.packing needs train.max_steps > 0: how many packed rows an epoch "

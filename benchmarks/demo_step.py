@@ -24,9 +24,8 @@ import jax  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sqllava_jax.data import synthetic  # noqa: E402
 from sqllava_jax.data.pipeline import make_pipeline  # noqa: E402
-from sqllava_jax.demo import configs  # noqa: E402
+from sqllava_jax.demo import configs, synthetic  # noqa: E402
 from sqllava_jax.parallel.mesh import make_mesh  # noqa: E402
 from sqllava_jax.training.program import TrainProgram  # noqa: E402
 

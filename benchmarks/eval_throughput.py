@@ -47,7 +47,7 @@ def build(root: str, vocab: int) -> dict:
   """The synthetic set, a random checkpoint of the mid-size model and its llava export."""
   from sqllava_jax.config import load_config  # pylint: disable=g-import-not-at-top
   from sqllava_jax.convert.export import export_checkpoint  # pylint: disable=g-import-not-at-top
-  from sqllava_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.demo import synthetic  # pylint: disable=g-import-not-at-top
   from sqllava_jax.models.sqllava import SQLLaVA  # pylint: disable=g-import-not-at-top
   from sqllava_jax.training.checkpoint import save_model  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from sqllava_jax.config import Config, replace
-from sqllava_jax.data import synthetic
 from sqllava_jax.data.pipeline import make_pipeline
+from sqllava_jax.demo import synthetic
 
 WORDS = ("the a man woman dog cat street car red blue green old young small large standing "
          "sitting holding near behind front table window tree building sky water people "

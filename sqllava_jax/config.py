@@ -12,6 +12,7 @@ from typing import Literal, Optional, Sequence
 
 from sqllava_jax import configlib
 from sqllava_jax.configlib import ConfigError
+from sqllava_jax.data import sources
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
@@ -233,7 +234,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticDataConfig:
-  """The generated shapes set (`sqllava_jax.data.synthetic`), built in `dir` on first use."""
+  """The demo's generated shapes set (`sqllava_jax.demo.synthetic`, `data.source: synthetic`),
+  built in `dir` on first use."""
   dir: str = "data/synthetic"
   # 1: captions (template plain); 2: multi-turn questions and answers; 0: those plus a grid
   # description per image (the demo's from-scratch stage 0).
@@ -258,6 +260,7 @@ class SyntheticDataConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where training examples come from and how they become fixed-shape batches."""
+  # A source of `data/sources.py`'s registry: json and tfds, and the demo's synthetic set.
   source: Literal["json", "tfds", "synthetic"] = "json"
   json_path: str = ""
   image_folder: str = ""
@@ -317,11 +320,7 @@ class DataConfig:
            f"data.max_images_per_row={self.max_images_per_row} must be >= 0 (0: as many as fit)")
     _check(self.max_examples_per_row >= 1,
            f"data.max_examples_per_row={self.max_examples_per_row} must be >= 1")
-    if self.source == "synthetic":
-      _check((self.synthetic.stage == 1) == (self.template == "plain"),
-             f"data.synthetic.stage={self.synthetic.stage} needs template "
-             f"{'plain' if self.synthetic.stage == 1 else 'vicuna_v1 or v1_sq'} "
-             f"(data.template={self.template})")
+    sources.check_data_config(self)  # what the named source adds (data/sources.py)
 
   def image_slots(self, num_image_tokens: int) -> int:
     """Images per batch row: 1 unpacked; packed, `max_images_per_row` or as many as fit."""
@@ -377,6 +376,20 @@ class MeshConfig:
   @property
   def shape(self) -> tuple[int, int, int]:
     return (self.data, self.fsdp, self.tensor)
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """'data=1,fsdp=8' -> {'data': 1, 'fsdp': 8}: mesh sizes as the commands' `--mesh` gives
+  them (-1 fills the rest)."""
+  sizes = {}
+  for item in spec.split(","):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or key not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+      raise ConfigError(f"--mesh {spec!r}: expected data=N,fsdp=N,tensor=N (N an integer, "
+                        f"-1 fills the rest), got {item!r}")
+    sizes[key] = int(value)
+  return sizes
 
 
 # The paper's stage 2 (instruction tuning): adapters and projector train, the bases are frozen.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from sqllava_jax.data import synthetic
+from sqllava_jax.demo import synthetic
 
 IGNORE = -100
 IMAGE_ID = -200

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from sqllava_jax.config import load_config
-from sqllava_jax.data import synthetic
+from sqllava_jax.demo import synthetic
 from sqllava_jax.models.sqllava import SQLLaVA, abstract_model
 from sqllava_jax.training.checkpoint import save_model
 

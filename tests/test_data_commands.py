@@ -10,8 +10,8 @@ import pytest
 
 from sqllava_jax import cli
 from sqllava_jax.config import load_config, replace
-from sqllava_jax.data import synthetic
 from sqllava_jax.data.pipeline import make_example_builder, make_pipeline
+from sqllava_jax.demo import synthetic
 
 CONFIG = """
 data:

@@ -10,7 +10,6 @@ from PIL import Image
 
 from data_helpers import (IGNORE, IMAGE_ID, hf_llama_tokenizer_v4_layout, reference_labels,
                           train_tiny_tokenizer, trained_spans)
-from sqllava_jax.data import synthetic
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.examples import ExampleBuilder
 from sqllava_jax.data.sources import JsonSource
@@ -18,6 +17,7 @@ from sqllava_jax.data.labels import tokenize_conversation
 from sqllava_jax.data.conversations import parse_record, relabel_self_questions
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER, build_prompt, get_template
 from sqllava_jax.data.tokenizer import Tokenizer
+from sqllava_jax.demo import synthetic
 
 SQ_TURNS = [(USER, "<image>\nWhat is in the picture?"), (ASSISTANT, "A cat on a sofa."),
             (VUSER, "What colour is the sofa?"), (ASSISTANT, "The sofa is red."),

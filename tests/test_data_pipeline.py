@@ -10,9 +10,10 @@ from etils import epath
 
 import grain
 from sqllava_jax.config import Config, replace
-from sqllava_jax.data import images, synthetic
+from sqllava_jax.data import images
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.pipeline import make_example_builder, make_pipeline
+from sqllava_jax.demo import synthetic
 
 IMAGE_SIZE = 28  # vision tower input; patch 14 -> 4 image tokens
 NUM_IMAGE_TOKENS = 4

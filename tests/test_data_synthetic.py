@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from sqllava_jax.config import SyntheticDataConfig
-from sqllava_jax.data import synthetic
-from sqllava_jax.data.synthetic import Scene, SceneObject
 from sqllava_jax.data.templates import get_template
 from sqllava_jax.data.tokenizer import Tokenizer
+from sqllava_jax.demo import synthetic
+from sqllava_jax.demo.synthetic import Scene, SceneObject
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sqllava_jax.data import synthetic
-from sqllava_jax.demo import base, configs, run
+from sqllava_jax.demo import base, configs, run, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +48,7 @@ def test_shipped_base_installs_as_a_checkpoint_of_exactly_its_tensors(shipped, t
   from flax import nnx
   from safetensors.numpy import load_file
   from sqllava_jax.training.checkpoint import load_model
-  from sqllava_jax.training.optimizer import flat
+  from sqllava_jax.tree_paths import flat
   folder, recipe = shipped
   paths = configs.run_paths(str(tmp_path), "stage0", on_base=True)
   cfg = base.base_config(recipe, paths)

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from sqllava_jax import cli
-from sqllava_jax.data import synthetic
+from sqllava_jax.commands.eval import request_of
+from sqllava_jax.config import Config
 from sqllava_jax.data.images import load_pixels, normalize
 from sqllava_jax.data.tokenizer import Tokenizer
+from sqllava_jax.demo import synthetic
+from sqllava_jax.evaluation.eval_command import perplexity_config
 from sqllava_jax.evaluation.generate import Generator
 from sqllava_jax.evaluation.sampling import Sampling
 from sqllava_jax.training.checkpoint import load_model
@@ -142,3 +145,14 @@ def test_eval_benchmark_task_without_annotations_writes_answers(run, tmp_path, c
                                          "--batch-size", "8"))
   assert result["scored"] is False and "--annotations" in result["note"]
   assert [json.loads(l)["question_id"] for l in open(tmp_path / "out" / "answers.jsonl")] == [7, 8]
+
+
+def test_path_flags_stay_strings():
+  """`--images 2024` names a folder: the config gets the string '2024', not an integer read
+  back from an override string."""
+  args = cli.parse_args(["eval", "--ckpt", "1", "--task", "perplexity", "--data", "2024",
+                         "--images", "2024", "--out", "out"])
+  request = request_of(args)
+  assert request.images == "2024" and request.model.ckpt == "1"
+  data = perplexity_config(Config(), request).data
+  assert (data.source, data.json_path, data.image_folder) == ("json", "2024", "2024")

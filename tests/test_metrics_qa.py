@@ -158,7 +158,7 @@ def test_scienceqa_problem_without_choices_says_what_is_missing():
 
 
 def test_score_dispatch_is_official_by_default():
-  from sqllava_jax.evaluation import metrics
-  result = metrics.score("scienceqa", [_answer("2", "(B)", True)], _PROBLEMS)
+  from sqllava_jax.evaluation import tasks
+  result = tasks.score("scienceqa", [_answer("2", "(B)", True)], _PROBLEMS)
   assert result["accuracy"] == 0.0 and result["failed_ids"] == ["2"]
   assert not any(k.startswith("lenient") for k in result)

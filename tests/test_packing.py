@@ -13,9 +13,10 @@ from flax import nnx
 
 import grain
 from sqllava_jax.config import MeshConfig, replace
-from sqllava_jax.data import images, synthetic
+from sqllava_jax.data import images
 from sqllava_jax.data.examples import collate
 from sqllava_jax.data.pipeline import make_example_builder, make_pipeline
+from sqllava_jax.demo import synthetic
 from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
 from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.training.step import forward_loss

@@ -23,14 +23,19 @@ import sys
 
 from sqllava_jax.commands.eval import add_run_arguments
 from sqllava_jax.commands.generate import add_sampling_arguments
+from sqllava_jax.commands.model_flags import add_model_arguments, model_options
+from sqllava_jax.evaluation import data_engine as de
+from sqllava_jax.evaluation import data_parallel as dp
 from sqllava_jax.evaluation import loading
+from sqllava_jax.evaluation.engine import Engine
+from sqllava_jax.evaluation.eval_loop import EvalSettings
 from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES, load_image
 from sqllava_jax.evaluation.sampling import SELF_QUESTION, Sampling
 from sqllava_jax.evaluation.self_questioning import DESCRIBE, Protocol, self_question
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  loading.add_model_arguments(parser)
+  add_model_arguments(parser)
   parser.add_argument("--image", help="one image file: print its questions")
   parser.add_argument("--images", help="data engine: a folder of images (with --data: the "
                       "folder the JSON's image paths are in)")
@@ -84,10 +89,10 @@ def _check_mode(args: argparse.Namespace) -> None:
 
 
 def ask_one(args: argparse.Namespace) -> int:
-  from sqllava_jax.evaluation.engine import Engine  # pylint: disable=g-import-not-at-top
   protocol = protocol_from_args(args)
-  model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer, **loading.engine_options(args, cfg))
+  options = model_options(args)
+  model, cfg, tokenizer = loading.load(options)
+  engine = Engine(model, tokenizer, **loading.engine_options(options, cfg))
   pixels = load_image(args.image, size=engine.image_size,
                       aspect_ratio=cfg.data.image_aspect_ratio)
   [result] = self_question(engine, [pixels], n=args.n, protocol=protocol, answer=args.answer,
@@ -97,18 +102,15 @@ def ask_one(args: argparse.Namespace) -> int:
 
 
 def data_engine(args: argparse.Namespace) -> int:
-  # pylint: disable=g-import-not-at-top
-  from sqllava_jax.evaluation import data_engine as de
-  from sqllava_jax.evaluation import data_parallel as dp
-  from sqllava_jax.evaluation.engine import Engine
-  from sqllava_jax.evaluation.eval_loop import EvalSettings
   protocol = protocol_from_args(args)
   if args.data:
     questions = de.json_questions(args.data, protocol.describe)
   else:
     questions = de.folder_questions(args.images, protocol.describe)
-  model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer, **loading.engine_options(args, cfg, dp.eval_mesh_if_parallel()))
+  options = model_options(args)
+  model, cfg, tokenizer = loading.load(options)
+  engine = Engine(model, tokenizer,
+                  **loading.engine_options(options, cfg, dp.eval_mesh_if_parallel()))
   settings = EvalSettings(
       images_dir=args.images, template=protocol.template, batch_size=args.batch_size,
       max_new_tokens=protocol.question_tokens, sampling=protocol.question_sampling,

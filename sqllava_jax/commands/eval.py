@@ -24,14 +24,18 @@ import os
 import sys
 
 from sqllava_jax.commands.generate import add_sampling_arguments
-from sqllava_jax.evaluation import loading
+from sqllava_jax.commands.model_flags import add_model_arguments, model_options
+# Registers the demo's tasks (synthetic_vqa, synthetic_sq) beside the benchmarks', for --task.
+from sqllava_jax.demo import tasks as _demo_tasks  # noqa: F401  pylint: disable=unused-import
+from sqllava_jax.evaluation.eval_command import PERPLEXITY, EvalRequest, evaluate
 from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES
-from sqllava_jax.evaluation.tasks import ALL_TASKS
+from sqllava_jax.evaluation.sampling import Sampling
+from sqllava_jax.evaluation.tasks import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  loading.add_model_arguments(parser)
-  parser.add_argument("--task", required=True, choices=ALL_TASKS)
+  add_model_arguments(parser)
+  parser.add_argument("--task", required=True, choices=(*TASKS, PERPLEXITY))
   parser.add_argument("--data", required=True, help="question file (JSONL, LLaVA eval layout); "
                       "for perplexity a LLaVA-format JSON of conversations")
   parser.add_argument("--images", default="", help="folder the questions' image paths are in")
@@ -68,12 +72,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--process-id", type=int, help="this process's index")
 
 
+def request_of(args: argparse.Namespace) -> EvalRequest:
+  return EvalRequest(
+      task=args.task, model=model_options(args), data=args.data, out=args.out,
+      images=args.images, annotations=args.annotations, batch_size=args.batch_size,
+      max_new_tokens=args.max_new_tokens, template=args.template,
+      sampling=Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
+      limit=args.limit, prompt_suffix=args.prompt_suffix,
+      questions_per_image=args.questions_per_image, describe_tokens=args.describe_tokens,
+      model_id=args.model_id, strict=args.strict, progress=args.progress)
+
+
 def run(args: argparse.Namespace) -> int:
   from sqllava_jax.parallel.multihost import maybe_initialize_distributed
   maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  from sqllava_jax.evaluation import eval_command  # pylint: disable=g-import-not-at-top
   try:
-    result = eval_command.evaluate(args)
+    result = evaluate(request_of(args))
   except ValueError as e:
     print(f"sqllava-jax eval: error: {e}", file=sys.stderr)
     return 2

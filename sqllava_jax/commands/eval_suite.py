@@ -15,11 +15,18 @@ import argparse
 import os
 import sys
 
+from sqllava_jax.commands.eval import add_run_arguments
+from sqllava_jax.commands.model_flags import add_model_arguments, model_options
+from sqllava_jax.evaluation import data_parallel as dp
+from sqllava_jax.evaluation import loading, suite
+from sqllava_jax.evaluation.benchmarks import load_suite
+from sqllava_jax.evaluation.engine import Engine
+from sqllava_jax.evaluation.judge import JudgeConfig
+from sqllava_jax.evaluation.suite import SuiteOptions
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from sqllava_jax.commands.eval import add_run_arguments  # pylint: disable=g-import-not-at-top
-  from sqllava_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
-  loading.add_model_arguments(parser)
+  add_model_arguments(parser)
   parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/eval/paper.yaml")
   parser.add_argument("--data", required=True,
                       help="benchmark data folder (LLaVA's playground/data/eval layout)")
@@ -38,10 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_run_arguments(parser)
 
 
-def _options(args: argparse.Namespace):
-  from sqllava_jax.evaluation import loading  # pylint: disable=g-import-not-at-top
-  from sqllava_jax.evaluation.judge import JudgeConfig  # pylint: disable=g-import-not-at-top
-  from sqllava_jax.evaluation.suite import SuiteOptions  # pylint: disable=g-import-not-at-top
+def _options(args: argparse.Namespace) -> SuiteOptions:
   judge = None
   if args.judge_url or args.judge_model:
     if not (args.judge_url and args.judge_model):
@@ -59,18 +63,13 @@ def _options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
   from sqllava_jax.parallel.multihost import maybe_initialize_distributed
   maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  # pylint: disable=g-import-not-at-top
-  from sqllava_jax.evaluation import data_parallel as dp
-  from sqllava_jax.evaluation import loading, suite
-  from sqllava_jax.evaluation.benchmarks import load_suite
-  from sqllava_jax.evaluation.engine import Engine
   try:
     options = _options(args)
     load_suite(args.suite)  # a broken suite fails before the model loads
-    model, cfg = loading.load_for_inference(args.ckpt, step=args.step, overrides=args.override,
-                                            merge_lora=args.merge_lora, mesh=args.mesh)
-    engine = Engine(model, loading.tokenizer_for(cfg, args.ckpt, args.tokenizer),
-                    **loading.engine_options(args, cfg, dp.eval_mesh_if_parallel()))
+    model_opts = model_options(args)
+    model, cfg, tokenizer = loading.load(model_opts)
+    engine = Engine(model, tokenizer,
+                    **loading.engine_options(model_opts, cfg, dp.eval_mesh_if_parallel()))
     report = suite.run_suite(engine, args.suite, options,
                              aspect_ratio=cfg.data.image_aspect_ratio)
   except ValueError as e:

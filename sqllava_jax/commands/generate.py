@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from sqllava_jax.commands.model_flags import add_model_arguments, model_options
 from sqllava_jax.evaluation import loading
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES, load_image, question_prompt
@@ -28,7 +29,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: floa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  loading.add_model_arguments(parser)
+  add_model_arguments(parser)
   parser.add_argument("--prompt", action="append", required=True,
                       help="the question or text (repeat for a batch)")
   parser.add_argument("--image", action="append", default=[],
@@ -70,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
 def answer_prompts(args: argparse.Namespace):
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
-  model, cfg, tokenizer = loading.load_from_args(args)
-  engine = Engine(model, tokenizer, **loading.engine_options(args, cfg))
+  options = model_options(args)
+  model, cfg, tokenizer = loading.load(options)
+  engine = Engine(model, tokenizer, **loading.engine_options(options, cfg))
   paths = images_per_prompt(args.image, len(args.prompt))
   cache = {p: load_image(p, size=engine.image_size, aspect_ratio=cfg.data.image_aspect_ratio)
            for p in set(paths) if p is not None}

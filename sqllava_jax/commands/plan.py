@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from sqllava_jax.config import ConfigError
+from sqllava_jax.config import ConfigError, load_config, parse_mesh_spec, replace
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -49,21 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "blocked attention standing in for the fused kernel); "
                            "--no-as-accelerator plans exactly what the CPU compiles")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def mesh_overrides(spec: str | None) -> list[str]:
-  """'data=1,fsdp=8' -> ['mesh.data=1', 'mesh.fsdp=8']."""
-  if not spec:
-    return []
-  out = []
-  for item in spec.split(","):
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or key not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
-      raise ConfigError(f"--mesh {spec!r}: expected data=N,fsdp=N,tensor=N (N an integer, "
-                        f"-1 fills the rest), got {item!r}")
-    out.append(f"mesh.{key}={int(value)}")
-  return out
 
 
 def _set_device_env(n: int) -> None:
@@ -107,9 +92,11 @@ def run(args: argparse.Namespace) -> int:
   fresh = "jax" not in sys.modules
   if fresh:
     _set_device_env(args.devices)
-  from sqllava_jax.config import load_config
+  # JAX is imported from here on, after the device flags are set: it reads them when it starts.
   from sqllava_jax.parallel.mesh import resolve_shape
-  cfg = load_config(args.config, [*args.overrides, *mesh_overrides(args.mesh)])
+  mesh = parse_mesh_spec(args.mesh) if args.mesh else {}
+  cfg = replace(load_config(args.config, args.overrides),
+                **{f"mesh.{axis}": size for axis, size in mesh.items()})
   resolve_shape(cfg.mesh, args.devices)  # a bad mesh fails here, before any compile
   if not fresh and not _has_devices(args.devices):
     return _child(args)

@@ -24,11 +24,12 @@ import jax
 import numpy as np
 from absl import flags
 
-from sqllava_jax.data import packing
+from sqllava_jax.data import packing, sources
 from sqllava_jax.data.errors import SkipLog, Skipped
 from sqllava_jax.data.examples import BuildOrSkip, ExampleBuilder, batch_length, collate
-from sqllava_jax.data.sources import JsonSource, TfdsSource
 from sqllava_jax.data.tokenizer import Tokenizer
+# Registers the demo's `synthetic` source, so that every config that names it resolves here.
+from sqllava_jax.demo import synthetic  # noqa: F401  pylint: disable=unused-import
 
 SKIPPED_KEY = "_skipped"
 # This many bad records in a row without one good one means the configuration, not the
@@ -170,27 +171,21 @@ def take_absl_flags_as_parsed() -> None:
 
 
 def make_source(data, *, split: Optional[str] = None, image_size: int = 336):
-  """The record source a `DataConfig` names (building the synthetic set when asked)."""
-  split = split or data.split
-  if data.source == "json":
-    if not data.json_path:
-      raise ValueError("data.source=json needs data.json_path (a LLaVA JSON list)")
-    return JsonSource(data.json_path, data.image_folder)
-  if data.source == "tfds":
-    if not data.tfds_dir:
-      raise ValueError("data.source=tfds needs data.tfds_dir (from `sqllava-jax build-dataset`)")
-    return TfdsSource(data.tfds_dir, split)
-  from sqllava_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  paths = synthetic.ensure_dataset(data.synthetic, image_size=image_size)
-  return JsonSource(paths.json(data.synthetic.stage, split), paths.image_folder)
+  """The record source a `DataConfig` names (`sources.SOURCES`), for `split` (default
+  `data.split`); image_size is the vision tower's (the synthetic set renders at it)."""
+  kind = sources.source_kind(data.source)
+  if kind.check is not None:
+    kind.check(data)
+  return kind.build(data, split or data.split, image_size)
 
 
 def tokenizer_path(data) -> str:
+  """`data.tokenizer`, else the one the source brings (the synthetic set trains its own)."""
   if data.tokenizer:
     return data.tokenizer
-  if data.source == "synthetic":
-    from sqllava_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.dataset_paths(data.synthetic.dir).tokenizer
+  kind = sources.source_kind(data.source)
+  if kind.tokenizer is not None:
+    return kind.tokenizer(data)
   raise ValueError("data.tokenizer is not set; point it at a SentencePiece tokenizer.model")
 
 

@@ -1,16 +1,21 @@
-"""Random-access record sources: a LLaVA JSON file with an image folder, or a TFDS build.
+"""Random-access record sources, and the registry that `data.source` names them in.
 
 `source[i]` gives `(raw_record, read_image)`: the record as parsed JSON and a function that
 returns the record's encoded image bytes or raises `BadRecord` (missing, zero-byte, outside
-the folder). Both sources pickle cheaply, so Grain can ship them to worker processes.
+the folder). Sources pickle cheaply, so Grain can ship them to worker processes.
+
+The library registers `json` (a LLaVA JSON file with an image folder) and `tfds` (a build of
+`sqllava-jax build-dataset`); other code adds its own with `register_source` (the demo adds
+its generated shapes set, `synthetic`: `sqllava_jax.demo.synthetic`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -18,6 +23,48 @@ from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.images import read_image_file, resolve_image_path
 
 ReadImage = Callable[[], bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  """How one `data.source` value becomes records.
+
+  build(data, split, image_size): the source of a `DataConfig` for one split; image_size is
+    the vision tower's.
+  tokenizer(data): the tokenizer path when `data.tokenizer` is unset (None: it must be set).
+  check(data): this source's checks of a `DataConfig` (raising `ConfigError`), run when
+    the config is made and again when the source is built.
+  """
+  build: Callable[[Any, str, int], Any]
+  tokenizer: Optional[Callable[[Any], str]] = None
+  check: Optional[Callable[[Any], None]] = None
+
+
+# data.source -> its kind; see `register_source`.
+SOURCES: dict[str, SourceKind] = {}
+
+
+def register_source(name: str, build: Callable[[Any, str, int], Any], *,
+                    tokenizer: Optional[Callable[[Any], str]] = None,
+                    check: Optional[Callable[[Any], None]] = None) -> None:
+  """Makes `data.source: name` build its records with `build` (see `SourceKind`)."""
+  if name in SOURCES:
+    raise ValueError(f"data source {name!r} is already registered "
+                     f"(by {SOURCES[name].build.__qualname__})")
+  SOURCES[name] = SourceKind(build, tokenizer, check)
+
+
+def source_kind(name: str) -> SourceKind:
+  if name not in SOURCES:
+    raise ValueError(f"unknown data.source {name!r}; choose one of {', '.join(SOURCES)}")
+  return SOURCES[name]
+
+
+def check_data_config(data) -> None:
+  """The checks the named source adds to a `DataConfig` (none for an unregistered name)."""
+  kind = SOURCES.get(data.source)
+  if kind is not None and kind.check is not None:
+    kind.check(data)
 
 
 class JsonSource:
@@ -160,3 +207,21 @@ def find_tfds_version_dir(path: str) -> str:
     raise ValueError(f"{what} TFDS datasets under {path!r}; set data.tfds_dir to the directory "
                      "that holds dataset_info.json (written by `sqllava-jax build-dataset`)")
   return found[0]
+
+
+def _json_source(data, split: str, image_size: int) -> JsonSource:
+  del split, image_size  # one file, one split
+  if not data.json_path:
+    raise ValueError("data.source=json needs data.json_path (a LLaVA JSON list)")
+  return JsonSource(data.json_path, data.image_folder)
+
+
+def _tfds_source(data, split: str, image_size: int) -> TfdsSource:
+  del image_size  # images are stored encoded; the example builder resizes them
+  if not data.tfds_dir:
+    raise ValueError("data.source=tfds needs data.tfds_dir (from `sqllava-jax build-dataset`)")
+  return TfdsSource(data.tfds_dir, split)
+
+
+register_source("json", _json_source)
+register_source("tfds", _tfds_source)

@@ -22,6 +22,7 @@ refused with the fix, never trained on.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.resources
 import json
 import os
@@ -29,10 +30,17 @@ import shutil
 import tempfile
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from sqllava_jax import configlib
 from sqllava_jax.config import Config
+from sqllava_jax.demo import synthetic
+from sqllava_jax.models.sqllava import abstract_model
+from sqllava_jax.training.checkpoint import load_model, save_model
+from sqllava_jax.tree_paths import flat, unflat
 
 RECIPE, PARAMS, TOKENIZER = "recipe.json", "params.safetensors", "tokenizer.model"
 BASE_FORMAT = 1
@@ -129,7 +137,6 @@ def check(base_dir: str, cfg: Config) -> dict:
   """The recipe of the base in `base_dir` once its files and its fields that give the weights
   their meaning agree with `cfg`, the run's stage-0 config; else `BaseMismatch` naming each
   difference and the fix."""
-  from sqllava_jax.data import synthetic
   recipe = read_recipe(base_dir)
   verify_files(base_dir, recipe)
   theirs = compatibility(recipe["stage0_config"], recipe["synthetic_format_version"])
@@ -152,10 +159,6 @@ def base_config(recipe: Mapping, paths: Sequence[str]) -> Config:
 def _param_arrays(cfg: Config, params: Mapping[str, np.ndarray], source: str) -> dict:
   """`params` (flat, by path) checked against the model `cfg` builds: every tensor there,
   none extra, each of its shape and dtype."""
-  import jax
-  from flax import nnx
-  from sqllava_jax.models.sqllava import abstract_model
-  from sqllava_jax.training.optimizer import flat
   want = flat(nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param)))
   missing, extra = sorted(set(want) - set(params)), sorted(set(params) - set(want))
   if missing or extra:
@@ -173,11 +176,6 @@ def install(base_dir: str, recipe: Mapping, cfg: Config, ckpt_dir: str) -> str:
   """Writes the base's weights as a model checkpoint in `ckpt_dir` (what stage 1's
   `train.init_from` reads) and its tokenizer to `cfg.data.tokenizer`; returns `ckpt_dir`.
   `cfg` is `base_config(recipe, ...)`."""
-  from flax import nnx
-  from safetensors.numpy import load_file
-  from sqllava_jax.models.sqllava import abstract_model
-  from sqllava_jax.training.checkpoint import save_model
-  from sqllava_jax.training.optimizer import unflat
   source = os.path.join(base_dir, PARAMS)
   arrays = _param_arrays(cfg, load_file(source), source)
   graphdef, state = nnx.split(abstract_model(cfg.model))
@@ -190,7 +188,6 @@ def install(base_dir: str, recipe: Mapping, cfg: Config, ckpt_dir: str) -> str:
 
 
 def _versions() -> dict:
-  import importlib.metadata
   return {p: importlib.metadata.version(p) for p in ("jax", "flax", "optax", "sentencepiece",
                                                      "numpy")}
 
@@ -208,11 +205,6 @@ def write(ckpt_dir: str, tokenizer: str, dest: str, *, made_by: str, stage: Mapp
   """Writes the base folder `dest` from the stage-0 checkpoint `ckpt_dir`, the tokenizer it
   trained with, the stage's summary (`steps`, `final_loss`, `wall_s`, ...) and its loss
   record; all or nothing (built beside `dest`, renamed into place). Returns `dest`."""
-  from flax import nnx
-  from safetensors.numpy import save_file
-  from sqllava_jax.data import synthetic
-  from sqllava_jax.training.checkpoint import load_model
-  from sqllava_jax.training.optimizer import flat
   model, cfg = load_model(ckpt_dir)
   params = {k: np.asarray(v) for k, v in
             sorted(flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items())}

@@ -17,13 +17,16 @@ import dataclasses
 import os
 from typing import Optional
 
-from sqllava_jax.data import synthetic
 from sqllava_jax.data.images import resolve_image_path
+from sqllava_jax.demo import synthetic
+# Registers synthetic_vqa and synthetic_sq, which `score` runs below.
+from sqllava_jax.demo import tasks as _tasks  # noqa: F401  pylint: disable=unused-import
 from sqllava_jax.evaluation import loading
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
 from sqllava_jax.evaluation.prompts import load_image
 from sqllava_jax.evaluation.questions import load_questions
+from sqllava_jax.evaluation.answers import as_answer_records
 from sqllava_jax.evaluation.sampling import GREEDY, SELF_QUESTION
 from sqllava_jax.evaluation.self_questioning import Protocol, self_question
 from sqllava_jax.evaluation.tasks import score
@@ -78,7 +81,6 @@ def answer_accuracy(engine: Engine, cfg, data_dir: str, out_dir: str, plan: Eval
 def answer_examples(answers: str, questions: list[dict], images_dir: str) -> list[dict]:
   """Each answered question in question order: its image's path, the question, the model's
   answer, the gold answer and whether they match (as `synthetic_vqa` scores)."""
-  from sqllava_jax.evaluation.answers import as_answer_records
   said = {r["question_id"]: r["text"] for r in as_answer_records(answers, "synthetic_vqa")}
   return [{"image": resolve_image_path(images_dir, q["image"]), "question": q["text"],
            "answer": said[q["question_id"]], "gold": q["answer"],

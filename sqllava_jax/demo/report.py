@@ -12,7 +12,7 @@ import os
 import shlex
 from typing import Mapping, Sequence
 
-from sqllava_jax.data import synthetic
+from sqllava_jax.demo import synthetic
 from sqllava_jax.demo import document as doc
 from sqllava_jax.demo import figures
 

@@ -15,11 +15,17 @@ import sys
 import time
 from typing import Mapping, Optional, Sequence
 
+import jax
+
+from sqllava_jax.convert.export import export_checkpoint
+from sqllava_jax.data.pipeline import tokenizer_path
 from sqllava_jax.demo import base
 from sqllava_jax.demo import evaluate as ev
-from sqllava_jax.demo import report
+from sqllava_jax.demo import report, synthetic
 from sqllava_jax.demo.configs import STAGES, check_overrides, run_paths, stage_config
+from sqllava_jax.demo.stages import describe_stage, loss_record, loss_summary
 from sqllava_jax.demo.timing import Timings
+from sqllava_jax.training import trainer
 
 MARKER = "sqllava-jax-demo.json"
 EXPORT_FORMATS = ("llama", "clip")
@@ -74,7 +80,6 @@ def prepare_output(out: str, overwrite: bool, argv: Sequence[str]) -> None:
 
 
 def make_data(cfg) -> str:
-  from sqllava_jax.data import synthetic
   paths = synthetic.ensure_dataset(cfg.data.synthetic, image_size=cfg.model.vision.image_size)
   return paths.root
 
@@ -84,9 +89,7 @@ class StageInterrupted(RuntimeError):
 
 
 def train_stage(cfg) -> dict:
-  from sqllava_jax.demo.stages import describe_stage, loss_record, loss_summary
-  from sqllava_jax.training.trainer import Trainer
-  summary = Trainer(cfg).run()
+  summary = trainer.Trainer(cfg).run()
   if summary.get("stopped_early"):
     # The trainer saves and returns on SIGTERM (preemption); the next stage would start
     # from a half-trained checkpoint and the report would score it as the demo.
@@ -100,7 +103,6 @@ def train_stage(cfg) -> dict:
 
 def stage0_from_base(base_dir: str, recipe: Mapping, out: str) -> dict:
   """Installs the base as stage 0's checkpoint; the stage's summary as the recipe records it."""
-  from sqllava_jax.demo.stages import describe_stage
   cfg = base.base_config(recipe, run_paths(out, "stage0", on_base=True))
   base.install(base_dir, recipe, cfg, os.path.join(cfg.output_dir, "checkpoints"))
   return {**describe_stage(cfg), **base.stage_summary(recipe, base_dir)}
@@ -108,7 +110,6 @@ def stage0_from_base(base_dir: str, recipe: Mapping, out: str) -> dict:
 
 def stage0_from_scratch(cfg, options: DemoOptions, out: str, timings: Timings) -> dict:
   """Trains stage 0 and writes it as a base folder, `out/base`."""
-  from sqllava_jax.data.pipeline import tokenizer_path
   start = time.time()
   summary = train_stage(cfg)
   recorded = {k: summary[k] for k in ("steps", "batch_size", "first_loss", "final_loss",
@@ -123,7 +124,6 @@ def stage0_from_scratch(cfg, options: DemoOptions, out: str, timings: Timings) -
 
 
 def export(ckpt: str, out: str) -> dict[str, str]:
-  from sqllava_jax.convert.export import export_checkpoint
   return {fmt: export_checkpoint(ckpt, os.path.join(out, fmt), fmt) for fmt in EXPORT_FORMATS}
 
 
@@ -148,7 +148,6 @@ def compile_fast(enabled: bool):
   if not enabled:
     yield
     return
-  import jax
   before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   try:

@@ -17,7 +17,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from sqllava_jax.evaluation import mmbench, mmvet, seed_bench
-from sqllava_jax.evaluation.metrics import normalize_answer_evalai
+from sqllava_jax.evaluation.vqa_metrics import normalize_answer_evalai
 from sqllava_jax.evaluation.outputs import write_json
 from sqllava_jax.evaluation.answers import as_answer_records, load_json_or_jsonl
 

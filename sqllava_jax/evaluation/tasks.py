@@ -1,65 +1,106 @@
-"""Every task `eval` scores: the benchmark metrics of `metrics.score` plus the synthetic set's.
+"""Every task `score(task, predictions, annotations)` knows, in one registry.
 
-- `synthetic_vqa`: exact match (case, whitespace and a final full stop ignored) against the
-  generator's gold answers (what the question names, then the answer: `northwest red`),
-  overall and per question type.
-- `synthetic_sq`: of the questions the model asked about each image (self-questioning), the
-  fraction that are well-formed questions of the set's grammar about objects actually in
-  the image (`synthetic.question_is_valid`).
+The benchmarks' metrics register here; other code adds its tasks with `register_task` (the
+demo registers its synthetic set's `synthetic_vqa` and `synthetic_sq`: `sqllava_jax.demo.tasks`).
+A task is its scorer plus how `eval` treats it (`Task`).
 
-For both, the annotations are the question records themselves (they carry `answer` and
-`scene`), so `--data` is all `eval` needs.
+predictions: the answers of one run in the LLaVA eval layout, a list of records with
+  `question_id`, `prompt`, `text`, `answer_id`, `model_id` (only `question_id` and `text` are
+  required, plus `prompt` for MME and LLaVA-layout TextVQA), or the path of that JSONL file.
+annotations: the benchmark's ground truth in its own layout, parsed or as a path (a `.jsonl`
+  file is read as records, other files as JSON; for MME also the
+  MME_Benchmark_release_version folder). Each task's scorer documents what it expects.
+
+Every result is a dict; accuracies are fractions in [0, 1] (papers print them times 100), MME
+scores are MME points, caption metrics their usual scales. An answer whose question the
+annotations do not know raises `ValueError` naming its `question_id`.
 """
 
 from __future__ import annotations
 
-import collections
-from typing import Any, Mapping, Sequence
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
 
-from sqllava_jax.data import synthetic
-from sqllava_jax.evaluation import metrics
-from sqllava_jax.evaluation.answers import as_answer_records, lookup, mean, records_by_question_id
+from sqllava_jax.evaluation import mmbench, seed_bench
+from sqllava_jax.evaluation.caption_metrics import score_captions
+from sqllava_jax.evaluation.mme import load_mme_annotations, mme_scores
+from sqllava_jax.evaluation.pope import pope_scores
+from sqllava_jax.evaluation.qa_metrics import gqa_accuracy, scienceqa_accuracy
+from sqllava_jax.evaluation.answers import load_json_or_jsonl
+from sqllava_jax.evaluation.vqa_metrics import textvqa_accuracy, vizwiz_accuracy, vqav2_accuracy
 
-GENERATION_TASKS = (*metrics.TASKS, "synthetic_vqa", "synthetic_sq")
-SELF_ANNOTATED = ("synthetic_vqa", "synthetic_sq")
-ALL_TASKS = (*GENERATION_TASKS, "perplexity")
-
-
-def synthetic_vqa(predictions: Any, annotations: Sequence[Mapping]) -> dict:
-  """annotations: records with `question_id`, `answer` (and `question_type`)."""
-  index = records_by_question_id(annotations, "synthetic_vqa")
-  by_type = collections.defaultdict(list)
-  for p in as_answer_records(predictions, "synthetic_vqa"):
-    gold = lookup(index, p["question_id"], "synthetic_vqa")
-    correct = synthetic.is_correct(p["text"], gold["answer"])
-    by_type[gold.get("question_type", "all")].append(correct)
-  every = [c for v in by_type.values() for c in v]
-  return {"accuracy": mean(every), "correct": int(sum(every)), "num_questions": len(every),
-          "per_type": {t: {"accuracy": mean(v), "num_questions": len(v)}
-                       for t, v in sorted(by_type.items())}}
+Scorer = Callable[[Any, Any], dict]
+ReadAnnotations = Callable[[str | os.PathLike], Any]
 
 
-def synthetic_sq(predictions: Any, annotations: Sequence[Mapping]) -> dict:
-  """predictions: one record per asked question, `text` the question and `source_id` the
-  image's question id; annotations: records with `question_id` and `scene`."""
-  index = records_by_question_id(annotations, "synthetic_sq")
-  valid, parsed, types = [], [], collections.Counter()
-  for p in as_answer_records(predictions, "synthetic_sq"):
-    scene = synthetic.Scene.from_json(lookup(index, p.get("source_id", p["question_id"]),
-                                             "synthetic_sq")["scene"])
-    form = synthetic.parse_question(p["text"])
-    parsed.append(form is not None)
-    valid.append(synthetic.question_is_valid(p["text"], scene))
-    types[form[0] if form else "malformed"] += 1
-  return {"valid_fraction": mean(valid), "well_formed_fraction": mean(parsed),
-          "num_questions": len(valid), "question_types": dict(sorted(types.items()))}
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """scorer(predictions, annotations) -> dict; read_annotations(path) parses a ground-truth
+  path. self_annotated: the question records are the annotations (`eval` needs no
+  `--annotations`). self_questioning: `eval` runs the self-questioning protocol, and the
+  scorer judges the questions the model asked."""
+  scorer: Scorer
+  read_annotations: ReadAnnotations = load_json_or_jsonl
+  self_annotated: bool = False
+  self_questioning: bool = False
 
 
-EXTRA_TASKS = {"synthetic_vqa": synthetic_vqa, "synthetic_sq": synthetic_sq}
+# task name -> Task; see `register_task`.
+TASKS: dict[str, Task] = {}
+
+
+def register_task(name: str, scorer: Scorer, *,
+                  read_annotations: ReadAnnotations = load_json_or_jsonl,
+                  self_annotated: bool = False, self_questioning: bool = False) -> None:
+  """Adds a task to `score` (and to `eval --task`); see `Task`."""
+  if name in TASKS:
+    raise ValueError(f"task {name!r} is already registered "
+                     f"(by {TASKS[name].scorer.__qualname__})")
+  TASKS[name] = Task(scorer, read_annotations, self_annotated, self_questioning)
+
+
+def get_task(name: str) -> Task:
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+  return TASKS[name]
+
+
+def load_annotations(task: str, path: str | os.PathLike) -> Any:
+  """Reads a task's annotation file (JSON, or JSONL as records; MME's benchmark folder)."""
+  return get_task(task).read_annotations(path)
 
 
 def score(task: str, predictions: Any, annotations: Any) -> dict:
-  """`metrics.score` extended with the synthetic tasks (same result layout)."""
-  if task in EXTRA_TASKS:
-    return {"task": task, **EXTRA_TASKS[task](predictions, annotations)}
-  return metrics.score(task, predictions, annotations)
+  """Scores `predictions` against `annotations` with the metric of `task`.
+
+  Returns the task's result dict with `task` added. Raises `ValueError` for an unknown task,
+  an empty answers file, or an answer whose question the annotations do not know.
+  """
+  scorer = get_task(task).scorer
+  if isinstance(annotations, (str, os.PathLike)):
+    annotations = load_annotations(task, annotations)
+  return {"task": task, **scorer(predictions, annotations)}
+
+
+def _mme_annotations(path: str | os.PathLike) -> Any:
+  return load_mme_annotations(path) if os.path.isdir(path) else load_json_or_jsonl(path)
+
+
+def _mmbench_annotations(path: str | os.PathLike) -> Any:
+  return mmbench.read_tsv(path)[1]
+
+
+register_task("vqav2", vqav2_accuracy)
+register_task("vizwiz", vizwiz_accuracy)
+register_task("textvqa", textvqa_accuracy)
+register_task("gqa", gqa_accuracy)
+register_task("scienceqa", scienceqa_accuracy)
+register_task("pope", pope_scores)
+register_task("mme", mme_scores, read_annotations=_mme_annotations)
+register_task("caption", score_captions)
+register_task("mmbench", mmbench.circular_scores, read_annotations=_mmbench_annotations)
+register_task("seed_bench", seed_bench.seed_scores)
+# The library's own tasks: the benchmarks' metrics (registered tasks follow them in `TASKS`).
+BENCHMARK_TASKS = tuple(TASKS)

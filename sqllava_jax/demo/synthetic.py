@@ -41,6 +41,10 @@ match of the whole restated answer) and self-asked questions (`question_is_valid
 each type about each of them. Uniform-guess chance per question type is `CHANCE`.
 Everything is a function of the seed.
 
+The set is the data source `synthetic` (`data.source: synthetic`, its parameters under
+`data.synthetic`), registered below: built in `data.synthetic.dir` on first use, its own
+tokenizer the default `data.tokenizer`.
+
     paths = generate("data/synthetic", seed=0, num_train=4000, num_eval=500, image_size=64)
     paths.json(2, "train"), paths.image_folder, paths.tokenizer
 """
@@ -60,7 +64,9 @@ import numpy as np
 import sentencepiece as spm
 from PIL import Image, ImageDraw
 
+from sqllava_jax.configlib import ConfigError
 from sqllava_jax.data.conversations import parse_record
+from sqllava_jax.data.sources import JsonSource, register_source
 from sqllava_jax.data.templates import USER, VUSER, build_prompt, get_template
 from sqllava_jax.data.tokenizer import IMAGE_TOKEN
 
@@ -504,3 +510,24 @@ def load_scenes(root: str, split: str = "eval") -> list[tuple[str, str, Scene]]:
   """(id, image path under the image folder, scene) of every image (task `synthetic_sq`)."""
   with open(dataset_paths(root).json(2, split)) as f:
     return [(r["id"], r["image"], Scene.from_json(r["scene"])) for r in json.load(f)]
+
+
+def _source(data, split: str, image_size: int) -> JsonSource:
+  """The records of `data.synthetic.stage` for `split`, the set generated on first use."""
+  paths = ensure_dataset(data.synthetic, image_size=image_size)
+  return JsonSource(paths.json(data.synthetic.stage, split), paths.image_folder)
+
+
+def _tokenizer(data) -> str:
+  return dataset_paths(data.synthetic.dir).tokenizer
+
+
+def _check(data) -> None:
+  """Stage 1's captions are trained under `plain`; the conversations under a chat template."""
+  if (data.synthetic.stage == 1) != (data.template == "plain"):
+    raise ConfigError(f"data.synthetic.stage={data.synthetic.stage} needs template "
+                      f"{'plain' if data.synthetic.stage == 1 else 'vicuna_v1 or v1_sq'} "
+                      f"(data.template={data.template})")
+
+
+register_source("synthetic", _source, tokenizer=_tokenizer, check=_check)

@@ -13,9 +13,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from sqllava_jax.data import images
+from sqllava_jax.data.conversations import Record, parse_record, record_id, relabel_self_questions
 from sqllava_jax.data.errors import BadRecord, Skipped
 from sqllava_jax.data.labels import IGNORE_INDEX, TokenizedConversation, tokenize_conversation
-from sqllava_jax.data.conversations import Record, parse_record, record_id, relabel_self_questions
 from sqllava_jax.data.templates import get_template
 from sqllava_jax.data.tokenizer import Tokenizer
 

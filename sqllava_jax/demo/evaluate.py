@@ -22,11 +22,11 @@ from sqllava_jax.demo import synthetic
 # Registers synthetic_vqa and synthetic_sq, which `score` runs below.
 from sqllava_jax.demo import tasks as _tasks  # noqa: F401  pylint: disable=unused-import
 from sqllava_jax.evaluation import loading
+from sqllava_jax.evaluation.answers import as_answer_records
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
 from sqllava_jax.evaluation.prompts import load_image
 from sqllava_jax.evaluation.questions import load_questions
-from sqllava_jax.evaluation.answers import as_answer_records
 from sqllava_jax.evaluation.sampling import GREEDY, SELF_QUESTION
 from sqllava_jax.evaluation.self_questioning import Protocol, self_question
 from sqllava_jax.evaluation.tasks import score

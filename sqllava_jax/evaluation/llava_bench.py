@@ -27,9 +27,9 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+from sqllava_jax.evaluation.answers import as_answer_records, load_json_or_jsonl
 from sqllava_jax.evaluation.judge import Judge
 from sqllava_jax.evaluation.outputs import write_jsonl
-from sqllava_jax.evaluation.answers import as_answer_records, load_json_or_jsonl
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ import collections
 import os
 from typing import Any, Mapping
 
-from sqllava_jax.evaluation.outputs import write_jsonl
 from sqllava_jax.evaluation.answers import as_answer_records, load_json_or_jsonl
+from sqllava_jax.evaluation.outputs import write_jsonl
 
 
 def _annotation(annotations: Any) -> Mapping:

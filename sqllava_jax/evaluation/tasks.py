@@ -24,11 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sqllava_jax.evaluation import mmbench, seed_bench
+from sqllava_jax.evaluation.answers import load_json_or_jsonl
 from sqllava_jax.evaluation.caption_metrics import score_captions
 from sqllava_jax.evaluation.mme import load_mme_annotations, mme_scores
 from sqllava_jax.evaluation.pope import pope_scores
 from sqllava_jax.evaluation.qa_metrics import gqa_accuracy, scienceqa_accuracy
-from sqllava_jax.evaluation.answers import load_json_or_jsonl
 from sqllava_jax.evaluation.vqa_metrics import textvqa_accuracy, vizwiz_accuracy, vqav2_accuracy
 
 Scorer = Callable[[Any, Any], dict]

@@ -162,7 +162,7 @@ def _flash_forward(q, k, v, segment_ids, block):
     q_i = _tile(q, i, block, 3)
 
     def key_block(j, acc):
-      m, l, o = acc
+      m, denom, o = acc
       s = _tile_scores(q_i, _tile(k, j, block, 2), i, j, block, segment_ids)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       p = jnp.exp(s - m_new[..., None])
@@ -170,14 +170,14 @@ def _flash_forward(q, k, v, segment_ids, block):
       o = o * scale[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype),
                                             _tile(v, j, block, 2),
                                             preferred_element_type=jnp.float32)
-      return m_new, l * scale + jnp.sum(p, axis=-1), o
+      return m_new, denom * scale + jnp.sum(p, axis=-1), o
 
     init = (jnp.full(stats, _MASKED, jnp.float32), jnp.zeros(stats, jnp.float32),
             jnp.zeros(q_i.shape, jnp.float32))
-    m, l, o = jax.lax.fori_loop(0, i + 1, key_block, init)
-    out = jax.lax.dynamic_update_slice_in_dim(out, (o / l[..., None]).astype(q.dtype),
+    m, denom, o = jax.lax.fori_loop(0, i + 1, key_block, init)
+    out = jax.lax.dynamic_update_slice_in_dim(out, (o / denom[..., None]).astype(q.dtype),
                                               i * block, axis=3)
-    return out, jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), i * block, axis=3)
+    return out, jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(denom), i * block, axis=3)
 
   init = (jnp.zeros_like(q), jnp.zeros(q.shape[:4], jnp.float32))
   return jax.lax.fori_loop(0, tiles, query_block, init)

@@ -54,7 +54,7 @@ class KeySpec:
     return [self.hf.format(layer=i) for i in range(self.num_layers)]
 
 
-def linear_specs(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
+def linear_key_map(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
   """The key map of a torch `nn.Linear` (weight [out, in], optional bias): our kernel
   [in, out] + bias."""
   key_map = [KeySpec(f"{ours}/kernel", f"{hf}.weight", transpose, transpose, num_layers)]
@@ -63,7 +63,7 @@ def linear_specs(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list
   return key_map
 
 
-def norm_specs(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
+def norm_key_map(ours: str, hf: str, *, bias: bool, num_layers: int = 0) -> list[KeySpec]:
   """The key map of a LayerNorm or RMSNorm (weight, optional bias): our scale + bias."""
   key_map = [KeySpec(f"{ours}/scale", f"{hf}.weight", num_layers=num_layers)]
   if bias:

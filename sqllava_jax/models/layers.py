@@ -128,7 +128,8 @@ class LayerNorm(nnx.Module):
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+    scale, bias = self.scale[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+    return (y * scale + bias).astype(dtype)
 
 
 class RMSNorm(nnx.Module):

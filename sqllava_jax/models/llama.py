@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from sqllava_jax.config import LLMConfig, LoRAConfig
 from sqllava_jax.models import layers as L
 from sqllava_jax.models.attention import attention, cache_attention
-from sqllava_jax.models.key_map import KeySpec, linear_specs, norm_specs, transpose
+from sqllava_jax.models.key_map import KeySpec, linear_key_map, norm_key_map, transpose
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 
@@ -109,7 +109,8 @@ def cache_mask(valid: jax.Array, index: jax.Array, t: int) -> jax.Array:
 
 class Attention(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, make_linear, impl: str, block_size: int):
-    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.effective_head_dim
+    self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+    self.head_dim = cfg.effective_head_dim
     self.theta = cfg.rope_theta
     self.impl, self.block_size = impl, block_size
     d, nh, nk = cfg.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -305,16 +306,16 @@ def hf_key_map(cfg: LLMConfig) -> list[KeySpec]:
   """Our paths (inside the decoder) <-> transformers `LlamaForCausalLM` names."""
   n, layer = cfg.num_layers, "model.layers.{layer}"
   specs = [KeySpec("embed_tokens/embedding", "model.embed_tokens.weight"),
-           *norm_specs("norm", "model.norm", bias=False)]
+           *norm_key_map("norm", "model.norm", bias=False)]
   if not cfg.tie_word_embeddings:
     specs.append(KeySpec("lm_head", "lm_head.weight", transpose, transpose))
   for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-    specs += linear_specs(f"layers/self_attn/{name}", f"{layer}.self_attn.{name}", bias=False,
+    specs += linear_key_map(f"layers/self_attn/{name}", f"{layer}.self_attn.{name}", bias=False,
                           num_layers=n)
   for name in ("gate_proj", "up_proj", "down_proj"):
-    specs += linear_specs(f"layers/mlp/{name}", f"{layer}.mlp.{name}", bias=False, num_layers=n)
+    specs += linear_key_map(f"layers/mlp/{name}", f"{layer}.mlp.{name}", bias=False, num_layers=n)
   for name in ("input_layernorm", "post_attention_layernorm"):
-    specs += norm_specs(f"layers/{name}", f"{layer}.{name}", bias=False, num_layers=n)
+    specs += norm_key_map(f"layers/{name}", f"{layer}.{name}", bias=False, num_layers=n)
   return specs
 
 

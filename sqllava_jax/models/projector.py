@@ -16,7 +16,7 @@ from flax import nnx
 
 from sqllava_jax.config import ProjectorConfig
 from sqllava_jax.models import layers as L
-from sqllava_jax.models.key_map import KeySpec, linear_specs, norm_specs, reshape_to, transpose
+from sqllava_jax.models.key_map import KeySpec, linear_key_map, norm_key_map, reshape_to, transpose
 
 
 def adaptive_avg_pool(x: jax.Array, out_len: int) -> jax.Array:
@@ -116,15 +116,15 @@ def reference_key_map(cfg: ProjectorConfig) -> list[KeySpec]:
   if cfg.type == "cluster":
     specs = []
     for name in ("c", "v", "f"):
-      specs += linear_specs(name, name, bias=True)
+      specs += linear_key_map(name, name, bias=True)
     specs += [KeySpec("sim_alpha", "sim_alpha", reshape_to(()), reshape_to((1, 1, 1))),
               KeySpec("sim_beta", "sim_beta", reshape_to(()), reshape_to((1, 1, 1))),
-              *norm_specs("ln_1", "ln_1", bias=True),
-              *linear_specs("mlp_in", "mlp.0", bias=True),
-              *linear_specs("mlp_out", "mlp.2", bias=True)]
+              *norm_key_map("ln_1", "ln_1", bias=True),
+              *linear_key_map("mlp_in", "mlp.0", bias=True),
+              *linear_key_map("mlp_out", "mlp.2", bias=True)]
     return specs
   if cfg.type == "mlp2x_gelu":
-    return linear_specs("linear_1", "0", bias=True) + linear_specs("linear_2", "2", bias=True)
+    return linear_key_map("linear_1", "0", bias=True) + linear_key_map("linear_2", "2", bias=True)
   return [KeySpec("linear_1/kernel", "weight", transpose, transpose),
           KeySpec("linear_1/bias", "bias")]
 
@@ -133,5 +133,5 @@ def llava_key_map(cfg: ProjectorConfig) -> list[KeySpec]:
   """Our projector paths <-> transformers' `LlavaMultiModalProjector` names (no prefix)."""
   if cfg.type != "mlp2x_gelu":
     raise ValueError(f"transformers' LLaVA projector is mlp2x_gelu; this one is {cfg.type!r}")
-  return linear_specs("linear_1", "linear_1", bias=True) + linear_specs("linear_2", "linear_2",
+  return linear_key_map("linear_1", "linear_1", bias=True) + linear_key_map("linear_2", "linear_2",
                                                                           bias=True)

@@ -34,7 +34,8 @@ def _merge_one(text: jax.Array, features: jax.Array, is_image: jax.Array) -> jax
 def merge_image_features(text_embeds: jax.Array, image_features: jax.Array,
                          image_mask: jax.Array) -> jax.Array:
   """text_embeds: [B, T, H]; image_features: [B, P, H]; image_mask: bool[B, T] -> [B, T, H]."""
-  if text_embeds.shape[0] != image_features.shape[0] or text_embeds.shape[-1] != image_features.shape[-1]:
+  if (text_embeds.shape[0] != image_features.shape[0]
+      or text_embeds.shape[-1] != image_features.shape[-1]):
     raise ValueError(f"cannot merge image features of shape {image_features.shape} into text "
                      f"embeddings of shape {text_embeds.shape}: batch and width must agree")
   if image_mask.shape != text_embeds.shape[:2]:

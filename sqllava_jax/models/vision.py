@@ -16,8 +16,8 @@ from flax import nnx
 from sqllava_jax.config import LoRAConfig, VisionConfig
 from sqllava_jax.models import layers as L
 from sqllava_jax.models.attention import attention
-from sqllava_jax.models.key_map import (KeySpec, conv_to_hf, conv_to_ours, linear_specs,
-                                         norm_specs)
+from sqllava_jax.models.key_map import (KeySpec, conv_to_hf, conv_to_ours, linear_key_map,
+                                         norm_key_map)
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 
@@ -93,8 +93,9 @@ class VisionTower(nnx.Module):
     b, h, w, c = pixel_values.shape
     p = self.cfg.patch_size
     if (h, w) != (self.cfg.image_size,) * 2 or c != self.cfg.num_channels:
+      size = self.cfg.image_size
       raise ValueError(f"pixel_values has shape {pixel_values.shape}; expected "
-                       f"[B, {self.cfg.image_size}, {self.cfg.image_size}, {self.cfg.num_channels}]")
+                       f"[B, {size}, {size}, {self.cfg.num_channels}]")
     x = pixel_values.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
     x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
     kernel = self.patch_embedding[...].astype(self.dtype).reshape(p * p * c, -1)
@@ -135,16 +136,16 @@ def hf_key_map(cfg: VisionConfig) -> list[KeySpec]:
               conv_to_ours, conv_to_hf),
       KeySpec("class_embedding", "vision_model.embeddings.class_embedding"),
       KeySpec("position_embedding", "vision_model.embeddings.position_embedding.weight"),
-      *norm_specs("pre_layrnorm", "vision_model.pre_layrnorm", bias=True),
-      *norm_specs("post_layernorm", "vision_model.post_layernorm", bias=True),
+      *norm_key_map("pre_layrnorm", "vision_model.pre_layrnorm", bias=True),
+      *norm_key_map("post_layernorm", "vision_model.post_layernorm", bias=True),
   ]
   for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-    specs += linear_specs(f"layers/self_attn/{name}", f"{layer}.self_attn.{name}", bias=True,
+    specs += linear_key_map(f"layers/self_attn/{name}", f"{layer}.self_attn.{name}", bias=True,
                           num_layers=n)
   for name in ("fc1", "fc2"):
-    specs += linear_specs(f"layers/{name}", f"{layer}.mlp.{name}", bias=True, num_layers=n)
+    specs += linear_key_map(f"layers/{name}", f"{layer}.mlp.{name}", bias=True, num_layers=n)
   for name in ("layer_norm1", "layer_norm2"):
-    specs += norm_specs(f"layers/{name}", f"{layer}.{name}", bias=True, num_layers=n)
+    specs += norm_key_map(f"layers/{name}", f"{layer}.{name}", bias=True, num_layers=n)
   return specs
 
 

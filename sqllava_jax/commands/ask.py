@@ -32,6 +32,7 @@ from sqllava_jax.evaluation.eval_loop import EvalSettings
 from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES, load_image
 from sqllava_jax.evaluation.sampling import SELF_QUESTION, Sampling
 from sqllava_jax.evaluation.self_questioning import DESCRIBE, Protocol, self_question
+from sqllava_jax.parallel.multihost import maybe_initialize_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +128,6 @@ def data_engine(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-  from sqllava_jax.parallel.multihost import maybe_initialize_distributed
   try:
     _check_mode(args)
     if args.image:

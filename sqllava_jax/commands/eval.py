@@ -31,6 +31,7 @@ from sqllava_jax.evaluation.eval_command import PERPLEXITY, EvalRequest, evaluat
 from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES
 from sqllava_jax.evaluation.sampling import Sampling
 from sqllava_jax.evaluation.tasks import TASKS
+from sqllava_jax.parallel.multihost import maybe_initialize_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +85,6 @@ def request_of(args: argparse.Namespace) -> EvalRequest:
 
 
 def run(args: argparse.Namespace) -> int:
-  from sqllava_jax.parallel.multihost import maybe_initialize_distributed
   maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   try:
     result = evaluate(request_of(args))

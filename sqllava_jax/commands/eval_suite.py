@@ -23,6 +23,7 @@ from sqllava_jax.evaluation.benchmarks import load_suite
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.judge import JudgeConfig
 from sqllava_jax.evaluation.suite import SuiteOptions
+from sqllava_jax.parallel.multihost import maybe_initialize_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +62,6 @@ def _options(args: argparse.Namespace) -> SuiteOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-  from sqllava_jax.parallel.multihost import maybe_initialize_distributed
   maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   try:
     options = _options(args)

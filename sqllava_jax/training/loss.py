@@ -15,7 +15,6 @@ accumulation step.
 from __future__ import annotations
 
 import functools
-
 from typing import Optional
 
 import jax

@@ -36,8 +36,7 @@ from sqllava_jax.models.layers import dtype_of
 from sqllava_jax.models.llama import STACKED_CACHE_AXES
 from sqllava_jax.models.sqllava import abstract_model
 from sqllava_jax.parallel.mesh import logical_sharding, make_mesh
-from sqllava_jax.training import flops
-from sqllava_jax.training import hlo_stats
+from sqllava_jax.training import flops, hlo_stats
 from sqllava_jax.training.program import TrainProgram
 
 NO_LICM = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}

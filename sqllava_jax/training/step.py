@@ -12,7 +12,6 @@ the sum of token losses over the whole global batch divided by its number of tra
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Callable, Mapping, Optional
 
 import jax

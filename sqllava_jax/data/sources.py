@@ -147,6 +147,7 @@ class TfdsSource:
     self._open()
 
   def _open(self):
+    # tfds takes most of a second to import: only a tfds source pays for it.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = tfds.builder_from_directory(self.path)
     if self.split not in builder.info.splits:

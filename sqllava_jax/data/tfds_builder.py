@@ -55,6 +55,7 @@ def _examples(json_path: str, image_folder: str, problems: collections.Counter, 
 
 
 def _builder_class():
+  # tfds takes most of a second to import: only building a data set pays for it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class LlavaConversations(tfds.core.GeneratorBasedBuilder):

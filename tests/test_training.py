@@ -6,16 +6,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from sqllava_jax.config import ParamGroup
+from sqllava_jax.config import MeshConfig, ParamGroup
+from sqllava_jax.data.labels import IGNORE_INDEX
 from sqllava_jax.models.sqllava import abstract_model
 from sqllava_jax.parallel.mesh import make_mesh
-from sqllava_jax.config import MeshConfig
 from sqllava_jax.training import optimizer as opt
-from sqllava_jax.data.labels import IGNORE_INDEX
 from sqllava_jax.training.loss import chunked_cross_entropy, fused_cross_entropy
 from sqllava_jax.training.step import forward_loss
 from sqllava_jax.training.trainer import NonFiniteError, Trainer

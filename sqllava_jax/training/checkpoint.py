@@ -206,7 +206,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
-    return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    args = ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+    return self.manager.restore(step, args=args)[META]
 
   def wait(self) -> None:
     """Blocks until an async save is committed; raises CheckpointSaveError if it failed."""

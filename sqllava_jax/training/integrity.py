@@ -72,7 +72,8 @@ def _worker_count() -> int:
 
 def _segments(size: int, segment_bytes: int) -> list[tuple[int, int]]:
   """[(offset, length)] covering `size` bytes; one empty segment for an empty file."""
-  return [(off, min(segment_bytes, size - off)) for off in range(0, size, segment_bytes)] or [(0, 0)]
+  segments = [(off, min(segment_bytes, size - off)) for off in range(0, size, segment_bytes)]
+  return segments or [(0, 0)]
 
 
 def segment_checksum(path: epath.Path, offset: int, length: int, algorithm: str = ALGORITHM) -> str:

@@ -77,7 +77,8 @@ def group_transform(cfg: TrainConfig, lr: optax.Schedule) -> optax.GradientTrans
                      weight_decay=cfg.weight_decay)
 
 
-def make_optimizer(cfg: TrainConfig, labels: Mapping, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, labels: Mapping,
+                   total_steps: int) -> optax.GradientTransformation:
   transforms = {}
   for group in cfg.param_groups:
     transforms[group.name] = (optax.set_to_zero() if group.frozen else group_transform(

@@ -256,7 +256,8 @@ class Trainer:
   def _summary(self, step: int, it, wall: float, *, stopped: bool) -> dict:
     metrics_path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
     records = read_metrics(metrics_path) if self.is_main and os.path.exists(metrics_path) else []
-    png = plot_loss_curve(records, os.path.join(self.cfg.output_dir, "loss.png")) if records else None
+    png = (plot_loss_curve(records, os.path.join(self.cfg.output_dir, "loss.png"))
+           if records else None)
     summary = {"steps": step, "total_steps": self.total_steps, "stopped_early": stopped,
                "final_loss": records[-1]["loss"] if records else None, "wall_s": round(wall, 2),
                "skipped_examples": it.skipped, "loss_curve": png,

@@ -12,6 +12,10 @@ import importlib
 import sys
 
 from sqllava_jax.configlib import ConfigError
+# The demo's registrations, so that every command's config and `--task` can name them: the
+# `synthetic` data source and the `synthetic_vqa` / `synthetic_sq` tasks (importing them
+# only adds to the registries).
+from sqllava_jax.demo import synthetic, tasks  # noqa: F401  pylint: disable=unused-import
 
 # name -> (module, one-line help)
 COMMANDS = {

@@ -25,8 +25,6 @@ import sys
 
 from sqllava_jax.commands.generate import add_sampling_arguments
 from sqllava_jax.commands.model_flags import add_model_arguments, model_options
-# Registers the demo's tasks (synthetic_vqa, synthetic_sq) beside the benchmarks', for --task.
-from sqllava_jax.demo import tasks as _demo_tasks  # noqa: F401  pylint: disable=unused-import
 from sqllava_jax.evaluation.eval_command import PERPLEXITY, EvalRequest, evaluate
 from sqllava_jax.evaluation.prompts import TEMPLATE_CHOICES
 from sqllava_jax.evaluation.sampling import Sampling
@@ -36,6 +34,7 @@ from sqllava_jax.parallel.multihost import maybe_initialize_distributed
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_model_arguments(parser)
+  # Every registered task: the benchmarks' and those `cli` loads (the demo's).
   parser.add_argument("--task", required=True, choices=(*TASKS, PERPLEXITY))
   parser.add_argument("--data", required=True, help="question file (JSONL, LLaVA eval layout); "
                       "for perplexity a LLaVA-format JSON of conversations")

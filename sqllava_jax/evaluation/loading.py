@@ -55,17 +55,13 @@ def mesh_config(spec: Optional[str], rules=MeshConfig().rules) -> Optional[MeshC
   return MeshConfig(**parse_mesh_spec(spec), rules=tuple(rules))
 
 
-def inference_mesh(cfg: MeshConfig) -> Mesh:
-  return make_mesh(cfg)
-
-
 def engine_options(options: ModelOptions, cfg: Config, default_mesh: Optional[Mesh] = None
                    ) -> dict:
   """Keyword arguments of `Engine` for these options: their mesh (else `default_mesh`), the
   config's rules, `unstack_layers`."""
   mesh = default_mesh
   if options.mesh:
-    mesh = inference_mesh(mesh_config(options.mesh, cfg.mesh.rules))
+    mesh = make_mesh(mesh_config(options.mesh, cfg.mesh.rules))
   return {"mesh": mesh, "rules": cfg.mesh.rules, "unstack_layers": options.unstack_layers}
 
 
@@ -82,7 +78,7 @@ def load_for_inference(ckpt: str, *, step: Optional[int] = None, overrides: Sequ
   if mesh:
     saved = _saved_config(ckpt, step, overrides)
     mesh_cfg = mesh_config(mesh, saved.mesh.rules)
-    shardings = _sharded(saved, inference_mesh(mesh_cfg))
+    shardings = _sharded(saved, make_mesh(mesh_cfg))
   elif jax.process_count() > 1:
     shardings = _replicated(_saved_config(ckpt, step, overrides))
   model, cfg = checkpoint.load_model(ckpt, step=step, overrides=overrides, shardings=shardings)

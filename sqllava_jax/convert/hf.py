@@ -10,7 +10,7 @@ original's projector file, is `reference.import_hf`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
@@ -18,13 +18,15 @@ from flax import nnx, traverse_util
 
 from sqllava_jax.config import LLMConfig, LoRAConfig, ModelConfig, VisionConfig
 from sqllava_jax.convert.hf_io import (CheckpointError, CheckpointReader, PrefixedSource,
-                                       read_config)
+                                       TensorSource, read_config)
 from sqllava_jax.convert.transfer import import_tensors
 from sqllava_jax.models import llama, vision
 from sqllava_jax.models.key_map import prefixed
 from sqllava_jax.models.layers import dtype_of
 from sqllava_jax.models.sqllava import SQLLaVA
 from sqllava_jax.tree_paths import flat_state, path_str
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 
 def llm_config_from_hf(directory: str) -> LLMConfig:
@@ -54,7 +56,7 @@ def read_clip_vision(directory: str, cfg: VisionConfig, expected: Mapping[str, t
                      prefix: str = "") -> dict[str, np.ndarray]:
   """{our path: array} for a transformers CLIP (full or vision-only) directory."""
   key_map = prefixed(vision.hf_key_map(cfg), ours_prefix=prefix)
-  reader = CheckpointReader(directory)
+  reader: TensorSource = CheckpointReader(directory)
   if not any(name.startswith("vision_model.") for name in reader.keys()):
     reader = PrefixedSource(reader, "vision_model.")
   return import_tensors(key_map, reader, expected, ignore=vision.hf_ignored)
@@ -65,8 +67,8 @@ def abstract_shapes(make: Callable[[nnx.Rngs], nnx.Module]) -> dict[str, tuple[i
   return {path: tuple(v.shape) for path, v in flat_state(nnx.state(abstract)).items()}
 
 
-def assemble(make: Callable[[nnx.Rngs], nnx.Module], loaded: Mapping[str, np.ndarray],
-             seed: int = 0) -> nnx.Module:
+def assemble(make: Callable[[nnx.Rngs], ModuleT], loaded: Mapping[str, np.ndarray],
+             seed: int = 0) -> ModuleT:
   """Builds `make(rngs)` with the `loaded` parameters ({path: array}); every other parameter
   is initialised from `seed` without materialising the loaded ones twice."""
   abstract = nnx.eval_shape(lambda: make(nnx.Rngs(seed)))
@@ -83,7 +85,7 @@ def assemble(make: Callable[[nnx.Rngs], nnx.Module], loaded: Mapping[str, np.nda
     return {name: values[name] for name in missing}
 
   # Runs once: XLA's backend optimisation would cost far more (seconds) than it saves.
-  fast_compile = {"xla_backend_optimization_level": 0}
+  fast_compile: dict[str, str | bool] = {"xla_backend_optimization_level": "0"}
   values = dict(jax.jit(init_missing).lower().compile(fast_compile)()) if missing else {}
   for name, array in loaded.items():
     values[name] = jax.numpy.asarray(array, dtype=variables[name].dtype)

@@ -2,8 +2,8 @@
 pytorch_model*.bin files (opened with `weights_only=True`, never full unpickling).
 
 Tensors are read lazily, one at a time, so a 7B import never holds two copies in memory.
-A source is anything with `keys()` and `get(name) -> np.ndarray` (a reader, or one of the
-views here: prefixed, renamed, overlaid).
+A source (`TensorSource`) is anything with `keys()`, `get(name) -> np.ndarray` and `where`
+(a reader, or one of the views here: prefixed, renamed, overlaid).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, KeysView, Protocol, Sequence
 
 import numpy as np
 from safetensors import safe_open
@@ -67,6 +67,16 @@ def _tensors_only(path: str, loaded) -> dict:
   return loaded
 
 
+class TensorSource(Protocol):
+  """What the converters read tensors from: a checkpoint (`CheckpointReader`) or a view of
+  one or several (`PrefixedSource`, `RenamedSource`, `OverlaySource`)."""
+  where: str  # the file or directory, for error messages
+
+  def keys(self) -> KeysView[str]: ...
+
+  def get(self, name: str) -> np.ndarray: ...
+
+
 class CheckpointReader:
   """Lazy access to the tensors of one HF checkpoint directory (or a list of files)."""
 
@@ -99,7 +109,7 @@ class CheckpointReader:
       self._bins[path] = _tensors_only(path, loaded)
     return self._bins[path]
 
-  def keys(self):
+  def keys(self) -> KeysView[str]:
     return self._index.keys()
 
   def get(self, name: str) -> np.ndarray:
@@ -120,12 +130,12 @@ class PrefixedSource:
   """A view of `source` with `prefix` added to every name that lacks it (transformers 5 saves
   `CLIPVisionModel` without the `vision_model.` prefix that older and full-CLIP files carry)."""
 
-  def __init__(self, source, prefix: str):
+  def __init__(self, source: TensorSource, prefix: str):
     self._source = source
     self.where = getattr(source, "where", "checkpoint")
     self._names = {(n if n.startswith(prefix) else prefix + n): n for n in source.keys()}
 
-  def keys(self):
+  def keys(self) -> KeysView[str]:
     return self._names.keys()
 
   def get(self, name: str) -> np.ndarray:
@@ -136,7 +146,7 @@ class RenamedSource:
   """A view of `source` with every name passed through `rename` (a checkpoint that spells a
   prefix differently, e.g. PEFT wrappers around the same module)."""
 
-  def __init__(self, source, rename: Callable[[str], str]):
+  def __init__(self, source: TensorSource, rename: Callable[[str], str]):
     self._source = source
     self.where = getattr(source, "where", "checkpoint")
     self._names: dict[str, str] = {}
@@ -147,7 +157,7 @@ class RenamedSource:
                          f"parameter ({new}); keep only one of them")
       self._names[new] = name
 
-  def keys(self):
+  def keys(self) -> KeysView[str]:
     return self._names.keys()
 
   def get(self, name: str) -> np.ndarray:
@@ -158,14 +168,14 @@ class OverlaySource:
   """Sources read as one, a later source's tensor replacing an earlier one's of the same name
   (a base checkpoint under the files a fine-tune saved, as `load_state_dict` lays them over)."""
 
-  def __init__(self, sources: Sequence):
+  def __init__(self, sources: Sequence[TensorSource]):
     self.where = " + ".join(getattr(s, "where", "checkpoint") for s in sources)
-    self._owner = {}
+    self._owner: dict[str, TensorSource] = {}
     for source in sources:
       for name in source.keys():
         self._owner[name] = source
 
-  def keys(self):
+  def keys(self) -> KeysView[str]:
     return self._owner.keys()
 
   def get(self, name: str) -> np.ndarray:

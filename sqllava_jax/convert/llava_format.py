@@ -87,6 +87,7 @@ def add_image_row(name: str, value: np.ndarray) -> np.ndarray:
 def export(directory: str, job: Job) -> None:
   cfg = job.cfg
   path = tokenizer_files.find_tokenizer(job.options.tokenizer, cfg, job.ckpt)
+  assert path is not None  # `check` refused a job without a tokenizer
   image_id = tokenizer_files.write_llava_processor(directory, path, cfg)
   if image_id != cfg.model.llm.vocab_size:  # `check` guarantees it; a tokenizer quirk would not
     raise CheckpointError(f"the tokenizer gave <image> id {image_id}; expected "

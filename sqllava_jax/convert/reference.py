@@ -38,7 +38,7 @@ from sqllava_jax.convert import adapters
 from sqllava_jax.convert.hf import (abstract_shapes, assemble, config_from_hf, read_clip_vision,
                                     read_llama, vision_config_from_hf)
 from sqllava_jax.convert.hf_io import (CheckpointError, CheckpointReader, OverlaySource,
-                                       RenamedSource, read_config)
+                                       RenamedSource, TensorSource, read_config)
 from sqllava_jax.convert.transfer import import_tensors
 from sqllava_jax.models import llama, projector, vision
 from sqllava_jax.models.key_map import KeySpec, prefixed
@@ -300,12 +300,13 @@ def _original_state(layout: ReferenceLayout, base_dir: Optional[str]):
   LoRA merge: the merged directory's, or the base's under the layout's projector file."""
   if layout.kind == "merged":
     return CheckpointReader(layout.model_dir)
+  assert base_dir is not None  # detect_layout refuses the other layouts without a base
   name = NON_LORA_FILE if layout.kind == "lora" else PROJECTOR_FILE
   path = os.path.join(layout.model_dir, name)
   if not os.path.isfile(path):
     raise CheckpointError(f"{layout.model_dir}: no {name}, which holds the projector of this "
                           "layout")
-  top = CheckpointReader(layout.model_dir, files=[path])
+  top: TensorSource = CheckpointReader(layout.model_dir, files=[path])
   top.where = path
   if layout.kind == "lora":  # the projector-only path loads mm_projector.bin's names verbatim
     inverse = {old: new for new, old in original_non_lora_names(top.keys()).items()}
@@ -372,7 +373,7 @@ def _vit_lora(directory: str, layout: ReferenceLayout, cfg: ModelConfig, shapes:
 class Ignored:
   """Tensors the original does not load, by file, summarised for one line of output."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.by_file: dict[str, list[str]] = {}
 
   def add(self, where: str, name: str) -> None:
@@ -421,6 +422,7 @@ def import_reference(model_dir: str, base: Config, *, base_dir: Optional[str] = 
   layout = detect_layout(model_dir, base_dir=base_dir, vision_dir=vision_dir,
                          vit_lora_dir=vit_lora_dir, use_vit_lora=use_vit_lora)
   if layout.kind != "merged":
+    assert base_dir is not None  # detect_layout refuses these layouts without a base
     check_base_fits(base_dir, layout.hf, model_dir)
   cfg = layout_config(layout, base)
   make = lambda r: SQLLaVA(cfg.model, rngs=r)

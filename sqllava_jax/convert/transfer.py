@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from sqllava_jax.convert.hf_io import TensorSource
 from sqllava_jax.models.key_map import KeySpec
 
 
@@ -19,7 +20,7 @@ def is_float_dtype(dtype: np.dtype) -> bool:
   return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
 
 
-def import_tensors(key_map: Sequence[KeySpec], source, expected: Mapping[str, tuple[int, ...]],
+def import_tensors(key_map: Sequence[KeySpec], source: TensorSource, expected: Mapping[str, tuple[int, ...]],
                    *, ignore: Callable[[str], bool] = lambda name: False,
                    dtype: Optional[np.dtype] = None) -> dict[str, np.ndarray]:
   """HF tensors -> {our path: array}. `expected` gives our shape per path; unconsumed source

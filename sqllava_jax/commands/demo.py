@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -45,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace):
-  import dataclasses
   from sqllava_jax.demo.evaluate import FAST_PLAN, EvalPlan
   plan = FAST_PLAN if args.fast else EvalPlan()
   changes = {"seed": args.seed}

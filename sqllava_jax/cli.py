@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from sqllava_jax.configlib import ConfigError
+
 # The demo's registrations, so that every command's config and `--task` can name them: the
 # `synthetic` data source and the `synthetic_vqa` / `synthetic_sq` tasks (importing them
 # only adds to the registries).
@@ -20,15 +21,19 @@ from sqllava_jax.demo import synthetic, tasks  # noqa: F401  pylint: disable=unu
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("sqllava_jax.commands.info", "parameter counts per group of a config"),
-    "convert": ("sqllava_jax.commands.convert", "import / export Hugging Face and reference checkpoints"),
+    "convert": ("sqllava_jax.commands.convert",
+                "import / export Hugging Face and reference checkpoints"),
     "show-example": ("sqllava_jax.commands.show_example",
                      "what training sees for one record: prompt, trained spans, labels"),
     "build-dataset": ("sqllava_jax.commands.build_dataset",
                       "LLaVA JSON + images -> TFDS ArrayRecord shards"),
     "train": ("sqllava_jax.commands.train", "train a config (resumes from its output_dir)"),
-    "check-checkpoint": ("sqllava_jax.commands.check_checkpoint", "check checkpoint files against their checksums"),
-    "generate": ("sqllava_jax.commands.generate", "answer prompts (with an image) with a checkpoint"),
-    "ask": ("sqllava_jax.commands.ask", "self-questioning: the model asks questions about an image"),
+    "check-checkpoint": ("sqllava_jax.commands.check_checkpoint",
+                         "check checkpoint files against their checksums"),
+    "generate": ("sqllava_jax.commands.generate",
+                 "answer prompts (with an image) with a checkpoint"),
+    "ask": ("sqllava_jax.commands.ask",
+            "self-questioning: the model asks questions about an image"),
     "eval": ("sqllava_jax.commands.eval", "batched generation over a question file, scored"),
     "eval-suite": ("sqllava_jax.commands.eval_suite",
                    "every benchmark of the paper's table: answered, scored, resumable"),

@@ -50,9 +50,11 @@ class VisionConfig:
 
   def __post_init__(self):
     _check(self.hidden_size % self.num_heads == 0,
-           f"vision.hidden_size={self.hidden_size} not divisible by vision.num_heads={self.num_heads}")
+           f"vision.hidden_size={self.hidden_size} not divisible by "
+           f"vision.num_heads={self.num_heads}")
     _check(self.image_size % self.patch_size == 0,
-           f"vision.image_size={self.image_size} not divisible by vision.patch_size={self.patch_size}")
+           f"vision.image_size={self.image_size} not divisible by "
+           f"vision.patch_size={self.patch_size}")
     _check(self.init_position_std >= 0,
            f"vision.init_position_std={self.init_position_std} must be >= 0")
     n = self.num_layers
@@ -446,8 +448,10 @@ class TrainConfig:
   def __post_init__(self):
     _check(self.per_device_batch_size >= 1,
            f"train.per_device_batch_size={self.per_device_batch_size} must be >= 1")
-    _check(self.grad_accum_steps >= 1, f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
-    _check(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+    _check(self.grad_accum_steps >= 1,
+           f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+    _check(0.0 <= self.warmup_ratio < 1.0,
+           f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
     _check(self.logits_chunk_size >= 1,
            f"train.logits_chunk_size={self.logits_chunk_size} must be >= 1")
     names = [g.name for g in self.param_groups]

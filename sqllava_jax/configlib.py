@@ -190,8 +190,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
   if bases is None:
     return data
   merged: dict = {}
+  here = os.path.dirname(os.path.abspath(path))
   for base in [bases] if isinstance(bases, str) else bases:
-    merged = deep_merge(merged, load_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), base)))
+    merged = deep_merge(merged, load_yaml(os.path.join(here, base)))
   return deep_merge(merged, data)
 
 

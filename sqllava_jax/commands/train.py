@@ -27,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
   maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from sqllava_jax.config import load_config
   from sqllava_jax.models.layers import unroll_threefry_on_cpu
-  from sqllava_jax.training.trainer import Trainer
   from sqllava_jax.training.checkpoint import CheckpointSaveError, DamagedCheckpointError
   from sqllava_jax.training.run_lock import OutputDirLockedError
+  from sqllava_jax.training.trainer import Trainer
   cfg = load_config(args.config, args.overrides)
   unroll_threefry_on_cpu()  # process-wide: see its docstring
   try:

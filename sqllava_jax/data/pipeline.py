@@ -28,6 +28,7 @@ from sqllava_jax.data import packing, sources
 from sqllava_jax.data.errors import SkipLog, Skipped
 from sqllava_jax.data.examples import BuildOrSkip, ExampleBuilder, batch_length, collate
 from sqllava_jax.data.tokenizer import Tokenizer
+
 # Registers the demo's `synthetic` source, so that every config that names it resolves here.
 from sqllava_jax.demo import synthetic  # noqa: F401  pylint: disable=unused-import
 

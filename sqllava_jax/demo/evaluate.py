@@ -19,6 +19,7 @@ from typing import Optional
 
 from sqllava_jax.data.images import resolve_image_path
 from sqllava_jax.demo import synthetic
+
 # Registers synthetic_vqa and synthetic_sq, which `score` runs below.
 from sqllava_jax.demo import tasks as _tasks  # noqa: F401  pylint: disable=unused-import
 from sqllava_jax.evaluation import loading

@@ -12,9 +12,8 @@ import os
 import shlex
 from typing import Mapping, Sequence
 
-from sqllava_jax.demo import synthetic
 from sqllava_jax.demo import document as doc
-from sqllava_jax.demo import figures
+from sqllava_jax.demo import figures, synthetic
 
 STAGE_TITLES = {
     "stage0": ("stage 0, vision tower + projector + LLM from scratch (vicuna_v1 Q&A, a quarter "

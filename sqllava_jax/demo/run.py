@@ -19,9 +19,8 @@ import jax
 
 from sqllava_jax.convert.export import export_checkpoint
 from sqllava_jax.data.pipeline import tokenizer_path
-from sqllava_jax.demo import base
+from sqllava_jax.demo import base, report, synthetic
 from sqllava_jax.demo import evaluate as ev
-from sqllava_jax.demo import report, synthetic
 from sqllava_jax.demo.configs import STAGES, check_overrides, run_paths, stage_config
 from sqllava_jax.demo.stages import describe_stage, loss_record, loss_summary
 from sqllava_jax.demo.timing import Timings

@@ -68,7 +68,6 @@ from sqllava_jax.configlib import ConfigError
 from sqllava_jax.data.conversations import parse_record
 from sqllava_jax.data.sources import JsonSource, register_source
 from sqllava_jax.data.templates import USER, VUSER, build_prompt, get_template
-from sqllava_jax.data.tokenizer import IMAGE_TOKEN
 
 COLORS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240),
           "yellow": (240, 210, 30)}

@@ -24,8 +24,7 @@ from typing import Any, Optional
 import jax
 
 from sqllava_jax.evaluation import llava_bench, mmbench, mmvet, submissions
-from sqllava_jax.evaluation.benchmarks import (Benchmark, Entry, Suite, load_suite,
-                                               read_questions)
+from sqllava_jax.evaluation.benchmarks import Benchmark, Entry, Suite, load_suite, read_questions
 from sqllava_jax.evaluation.engine import Engine
 from sqllava_jax.evaluation.eval_loop import EvalSettings, run_eval
 from sqllava_jax.evaluation.judge import Judge, JudgeConfig, JudgeError

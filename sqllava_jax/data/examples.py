@@ -70,6 +70,7 @@ class ExampleBuilder:
     return Explained(record, turns, tokens, pixels)
 
   def _pixels(self, raw, record: Record, read_image) -> np.ndarray:
+    assert record.image is not None  # called for image records only
     data = read_image()
     try:
       return images.load_pixels(data, size=self.image_size, aspect_ratio=self.aspect_ratio,

@@ -38,8 +38,9 @@ def as_answer_records(predictions: Iterable[Record] | PathLike, task: str) -> li
   `ValueError` when there is nothing to score or a record lacks a required field.
   """
   if isinstance(predictions, (str, os.PathLike)):
-    predictions = load_json_or_jsonl(predictions)
-  records = list(predictions)
+    records: list[Record] = list(load_json_or_jsonl(predictions))
+  else:
+    records = list(predictions)
   if not records:
     raise ValueError(f"{task}: no predictions to score; the answers file is empty")
   for i, record in enumerate(records):
@@ -105,7 +106,7 @@ def match_answers(predictions: Iterable[Record], resolve: Callable[[Record], Rec
   Raises `ValueError` when two answers resolve to the same question: a merged answers file
   with overlapping shards would otherwise count that question twice.
   """
-  first_answer = {}
+  first_answer: dict[int, Record] = {}
   pairs = []
   for prediction in predictions:
     annotation = resolve(prediction)

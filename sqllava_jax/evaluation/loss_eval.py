@@ -87,6 +87,7 @@ def evaluate_loss(model: nnx.Module, cfg, *, batch_size: int,
   rows = batch_size // count
   pipeline = make_pipeline(cfg, batch_size=rows, shuffle=False, num_epochs=1,
                            drop_remainder=False, num_workers=0)
+  assert pipeline.num_records is not None  # one epoch: its length is known
   steps = data_parallel.agree_max(max(1, -(-pipeline.num_records // rows)))
   graphdef, state = nnx.split(model)
   if mesh is not None:

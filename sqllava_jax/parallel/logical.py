@@ -34,7 +34,9 @@ def flax_rules(rules: Rules) -> tuple:
 
 def logical_to_spec(names: LogicalAxes, rules: Rules) -> PartitionSpec:
   """('batch', 'length', 'embed') -> PartitionSpec(('data', 'fsdp'), None, None)."""
-  return nn.logical_to_mesh_axes(tuple(names), flax_rules(rules))
+  spec = nn.logical_to_mesh_axes(tuple(names), flax_rules(rules))
+  assert spec is not None  # flax returns None only when given no names
+  return spec
 
 
 @contextlib.contextmanager

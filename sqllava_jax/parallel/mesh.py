@@ -32,7 +32,8 @@ def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   if math.prod(shape) != num_devices:
     raise ConfigError(f"mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} devices; "
                       f"{num_devices} are available (set one axis to -1 to fill)")
-  return tuple(shape)
+  data, fsdp, tensor = shape
+  return data, fsdp, tensor
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -47,7 +48,7 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
 
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
   """Drops mesh axes that do not divide their dimension (a tiny test model on 8 devices)."""
-  out = []
+  out: list = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axes is None:
       out.append(None)

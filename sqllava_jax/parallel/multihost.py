@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 
@@ -127,7 +127,8 @@ def plan_distributed(coordinator_address: Optional[str] = None,
                      f"for num_processes={num}")
 
   cluster, why = _detect_cluster(env, tpu_processes)
-  explicit = dict(coordinator_address=coordinator, num_processes=num, process_id=pid)
+  explicit: dict[str, Any] = dict(coordinator_address=coordinator, num_processes=num,
+                                  process_id=pid)
   given = {k: v for k, v in explicit.items() if v is not None}
   if given and cluster is None:
     missing = {"coordinator_address": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESSES,

@@ -143,7 +143,11 @@ class Checkpointer:
   def check(self, step: int) -> None:
     """Raises DamagedCheckpointError on every process unless `step` is intact (process 0
     reads the files)."""
-    on_main(lambda: integrity.check(self.step_dir(step)) or 0,
+    def intact() -> int:
+      integrity.check(self.step_dir(step))
+      return 0
+
+    on_main(intact,
             elsewhere=lambda: DamagedCheckpointError(self.step_dir(step), ["see process 0"]))
 
   def newest_intact(self) -> tuple[Optional[int], list[tuple[int, list[str]]]]:

@@ -181,7 +181,7 @@ def verify(step_dir: epath.PathLike) -> list[str]:
   step_dir = epath.Path(step_dir)
   manifest, why = read_manifest(step_dir)
   if manifest is None:
-    return [why]
+    return [str(why)]
   algorithm, segment_bytes = manifest["algorithm"], manifest["segment_bytes"]
   expected = manifest["files"]
   present = {rel: (path, path.stat().length) for rel, path in _listed_files(step_dir)}

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax
 import optax
 
-from sqllava_jax.config import TrainConfig
+from sqllava_jax.config import ParamGroup, TrainConfig
 from sqllava_jax.training.param_groups import assign_groups_flat
 from sqllava_jax.tree_paths import flat, unflat
 
@@ -44,6 +44,12 @@ def schedule(peak_lr: float, total_steps: int, warmup_ratio: float) -> optax.Sch
   """Linear warmup from 0 over ceil(ratio x steps), then cosine to 0 (transformers' cosine)."""
   warmup = int(-(-warmup_ratio * total_steps // 1))
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), 0.0)
+
+
+def group_schedule(cfg: TrainConfig, group: ParamGroup, total_steps: int) -> optax.Schedule:
+  """The schedule of a trainable group (which has an lr: `ParamGroup` checks)."""
+  assert group.lr is not None, group.name
+  return schedule(group.lr, total_steps, cfg.warmup_ratio)
 
 
 # Muon orthogonalises the dense layers' weight matrices, the parameters named `kernel`: the
@@ -82,7 +88,7 @@ def make_optimizer(cfg: TrainConfig, labels: Mapping,
   transforms = {}
   for group in cfg.param_groups:
     transforms[group.name] = (optax.set_to_zero() if group.frozen else group_transform(
-        cfg, schedule(group.lr, total_steps, cfg.warmup_ratio)))
+        cfg, group_schedule(cfg, group, total_steps)))
   if cfg.freeze_vit_lora:
     transforms[FROZEN_VIT_LORA] = optax.set_to_zero()
   tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
@@ -93,7 +99,7 @@ def make_optimizer(cfg: TrainConfig, labels: Mapping,
 
 def learning_rates(cfg: TrainConfig, total_steps: int, step) -> dict[str, Any]:
   """The learning rate of every trainable group at `step` (for logging)."""
-  return {g.name: schedule(g.lr, total_steps, cfg.warmup_ratio)(step)
+  return {g.name: group_schedule(cfg, g, total_steps)(step)
           for g in cfg.param_groups if not g.frozen}
 
 

@@ -24,7 +24,7 @@ import contextlib
 import math
 import tempfile
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +39,11 @@ from sqllava_jax.parallel.mesh import logical_sharding, make_mesh
 from sqllava_jax.training import flops, hlo_stats
 from sqllava_jax.training.program import TrainProgram
 
-NO_LICM = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+NO_LICM: dict[str, Any] = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 # The plan never runs the program: skip LLVM's optimisation of the CPU code (half the compile
 # time; buffer assignment, and so the memory analysis, happens before it).
-NO_CODEGEN_OPT = {"xla_backend_optimization_level": 0,
-                  "xla_llvm_disable_expensive_passes": True}
+NO_CODEGEN_OPT: dict[str, Any] = {"xla_backend_optimization_level": 0,
+                                  "xla_llvm_disable_expensive_passes": True}
 
 
 def planning_config(cfg: Config, as_accelerator: bool) -> Config:
@@ -93,7 +93,7 @@ def no_compilation_cache() -> Iterator[None]:
   """A cached executable would skip the compile, and with it XLA's dump of the peak. JAX
   decides once per process whether the cache is in use: reset that decision both ways."""
   from jax.experimental.compilation_cache import compilation_cache
-  previous = jax.config.jax_enable_compilation_cache
+  previous = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]  # a flag
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()
   try:

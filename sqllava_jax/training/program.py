@@ -7,7 +7,7 @@ config alone (`TrainProgram(cfg, mesh, total_steps)`) and lower it on abstract i
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -50,8 +50,7 @@ class TrainProgram:
     step = make_train_step(self.graphdef, self.optimizer, self.trainable,
                            chunk=cfg.train.logits_chunk_size, lr_fn=lr_fn, mesh=mesh,
                            rules=self.rules, packed=cfg.data.packing)
-    self.batch_shardings = train_state.batch_shardings(mesh, self.rules,
-                                                       dict.fromkeys(DEVICE_KEYS))
+    self.batch_shardings = train_state.batch_shardings(mesh, self.rules, DEVICE_KEYS)
     self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_shardings),
                               out_shardings=(self.shardings, rep), donate_argnums=0)
 
@@ -59,7 +58,8 @@ class TrainProgram:
     """Shape-only global batch [A, B, ...] for `rows_per_step` rows of `seq_len` tokens."""
     accum = self.cfg.train.grad_accum_steps
     b, size = rows_per_step // accum, self.cfg.model.vision.image_size
-    shapes = {k: ((accum, b, seq_len), np.int32) for k in DEVICE_KEYS}
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
+        k: ((accum, b, seq_len), np.int32) for k in DEVICE_KEYS}
     slots = self.cfg.data.image_slots(self.cfg.model.num_image_tokens)
     per_row = (slots,) if self.cfg.data.packing else ()
     shapes["pixel_values"] = ((accum, b, *per_row, size, size, 3), np.float32)

@@ -107,6 +107,7 @@ def why_stale(holder: Optional[dict], lock_age_s: float, me: dict) -> Optional[s
     if lock_age_s > STALE_AFTER_S:
       return f"its heartbeat stopped {lock_age_s:.0f} s ago"
     return None
+  assert holder is not None  # same_machine says so
   pid = int(holder["pid"])
   if not _pid_exists(pid):
     return f"no process {pid} on this host"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,10 +100,11 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
                       shardings)
 
 
-def batch_shardings(mesh: Mesh, rules: Rules, batch: Mapping[str, np.ndarray]) -> dict:
-  """[A, B, ...] batches: the micro-batch axis replicated, B sharded like logical `batch`."""
+def batch_shardings(mesh: Mesh, rules: Rules, keys: Iterable[str]) -> dict:
+  """[A, B, ...] batch arrays: the micro-batch axis replicated, B sharded like logical
+  `batch`."""
   spec = logical_to_spec(("batch",), rules)
-  return {k: NamedSharding(mesh, PartitionSpec(None, *spec)) for k in batch}
+  return {k: NamedSharding(mesh, PartitionSpec(None, *spec)) for k in keys}
 
 
 def global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding],

@@ -65,7 +65,12 @@ class Trainer:
   def _lock_output_dir(self) -> RunLock:
     """Before anything is written there: refuse if a live run holds output_dir."""
     lock = RunLock(self.cfg.output_dir)
-    on_main(lambda: lock.acquire() or 0, elsewhere=lambda: OutputDirLockedError(
+
+    def acquire() -> int:
+      lock.acquire()
+      return 0
+
+    on_main(acquire, elsewhere=lambda: OutputDirLockedError(
         f"{self.cfg.output_dir} is in use by another run (process 0 names it)"))
     atexit.register(lock.release)
     return lock

@@ -48,7 +48,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       choices = ", ".join(repr(a) for a in args)
       raise ConfigError(f"{key}: {value!r} is not one of {choices}")
     return value
-  if dataclasses.is_dataclass(tp):
+  if isinstance(tp, type) and dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
       return value
     if not isinstance(value, Mapping):
@@ -150,7 +150,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type) -> dict:
   data = _deepcopy(data)
   for item in overrides:
     path, value = parse_override(item)
-    node, node_cls = data, cls
+    node = data
+    node_cls: type | None = cls  # None below a key that is not a dataclass
     for i, part in enumerate(path):
       dotted = ".".join(path[: i + 1])
       if node_cls is not None:
@@ -158,7 +159,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type) -> dict:
         if part not in names:
           raise ConfigError(f"unknown key {dotted}; known keys: {', '.join(sorted(names))}")
         hint = typing.get_type_hints(node_cls)[part]
-        node_cls = hint if dataclasses.is_dataclass(hint) else None
+        node_cls = hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
       if i == len(path) - 1:
         node[part] = value
       else:

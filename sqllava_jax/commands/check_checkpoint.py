@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
       print(f"{label}: DAMAGED ({path})")
       print("\n".join(f"  {p}" for p in problems))
     else:
-      manifest, _ = integrity.read_manifest(epath.Path(path))
-      size = sum(f["size"] for f in manifest["files"].values())
-      print(f"{label}: intact, {len(manifest['files'])} files, {size} bytes ({path})")
+      found, _ = integrity.read_manifest(epath.Path(path))
+      assert found is not None  # `verify` reports a missing one
+      files = found["files"]
+      size = sum(f["size"] for f in files.values())
+      print(f"{label}: intact, {len(files)} files, {size} bytes ({path})")
   return 1 if damaged else 0

@@ -64,6 +64,12 @@ def _protocol(plan: EvalPlan) -> Protocol:
                   question_sampling=SELF_QUESTION, answer_sampling=GREEDY)
 
 
+def _answered(done: Optional[tuple[str, list[dict]]]) -> tuple[str, list[dict]]:
+  """`run_eval`'s result: the demo runs in one process, which always gets it."""
+  assert done is not None
+  return done
+
+
 def answer_accuracy(engine: Engine, cfg, data_dir: str, out_dir: str, plan: EvalPlan) -> dict:
   """`synthetic_vqa` on the held-out questions; answers in `out_dir/answers.jsonl`."""
   paths = synthetic.dataset_paths(data_dir)
@@ -73,7 +79,7 @@ def answer_accuracy(engine: Engine, cfg, data_dir: str, out_dir: str, plan: Eval
                           batch_size=plan.batch_size, max_new_tokens=plan.answer_tokens,
                           sampling=GREEDY, seed=plan.seed, model_id="sqllava-jax-demo",
                           aspect_ratio=cfg.data.image_aspect_ratio)
-  answers, _ = run_eval(engine, questions, settings, out_dir)
+  answers, _ = _answered(run_eval(engine, questions, settings, out_dir))
   result = score("synthetic_vqa", answers, questions)
   return {**result, **baselines(questions), "answers": answers,
           "examples": answer_examples(answers, questions, paths.image_folder)}
@@ -96,7 +102,8 @@ def baselines(questions: list[dict]) -> dict:
   and always giving the most frequent gold answer of its type, the best any image-blind
   answer can do (held-out scenes are skewed towards three and four shapes, since the few
   small scenes all occur in training)."""
-  by_type = collections.defaultdict(collections.Counter)
+  by_type: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(
+      collections.Counter)
   for q in questions:
     by_type[q["question_type"]][q["answer"].split()[-1]] += 1
   n = len(questions)
@@ -116,7 +123,7 @@ def question_validity(engine: Engine, cfg, data_dir: str, out_dir: str, plan: Ev
                           aspect_ratio=cfg.data.image_aspect_ratio, self_questioning=True,
                           questions_per_image=plan.sq_questions_per_image,
                           protocol=_protocol(plan))
-  answers, _ = run_eval(engine, images, settings, out_dir)
+  answers, _ = _answered(run_eval(engine, images, settings, out_dir))
   return {**score("synthetic_sq", answers, images), "answers": answers,
           "num_images": len(images)}
 
@@ -130,6 +137,7 @@ def ask_one(engine: Engine, cfg, data_dir: str, plan: EvalPlan, index: int = 0) 
   pixels = load_image(path, size=engine.image_size, aspect_ratio=cfg.data.image_aspect_ratio)
   [result] = self_question(engine, [pixels], n=plan.ask_questions, protocol=_protocol(plan),
                            answer=True, seed=plan.seed)
+  assert result.answers is not None  # asked with answer=True
   turns = []
   for q, a in zip(result.questions, result.answers):
     gold: Optional[str] = synthetic.answer_text(q, scene)

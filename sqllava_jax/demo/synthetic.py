@@ -250,7 +250,8 @@ def restated_answer(question: str, answer: str) -> str:
     return answer
   qtype, slots = parsed
   if qtype == "position":
-    return _located(*slots, f"in the {answer}")
+    color, shape = slots
+    return _located(color, shape, f"in the {answer}")
   return " ".join((*slots, answer))
 
 
@@ -374,7 +375,8 @@ def dataset_paths(root: str) -> SyntheticPaths:
 def _scenes(seed: int, split: str, count: int,
             exclude: set) -> list[tuple[Scene, np.random.Generator]]:
   split_id = SPLITS.index(split)
-  out, k = [], 0
+  out: list[tuple[Scene, np.random.Generator]] = []
+  k = 0
   while len(out) < count:
     rng = np.random.default_rng([seed, split_id, k])
     k += 1

@@ -39,7 +39,7 @@ def synthetic_sq(predictions: Any, annotations: Sequence[Mapping]) -> dict:
   """predictions: one record per asked question, `text` the question and `source_id` the
   image's question id; annotations: records with `question_id` and `scene`."""
   index = records_by_question_id(annotations, "synthetic_sq")
-  valid, parsed, types = [], [], collections.Counter()
+  valid, parsed, types = [], [], collections.Counter[str]()
   for p in as_answer_records(predictions, "synthetic_sq"):
     scene = synthetic.Scene.from_json(lookup(index, p.get("source_id", p["question_id"]),
                                              "synthetic_sq")["scene"])

@@ -74,7 +74,7 @@ def training_records(answers: Sequence[dict], questions: Sequence[dict], describ
   by_image: dict[str, list[dict]] = {}
   for a in answers:
     by_image.setdefault(str(a["source_id"]), []).append(a)
-  records, dropped = [], collections.Counter()
+  records, dropped = [], collections.Counter[str]()
   for source_id, asked in by_image.items():
     if not _usable(asked[0]["description"]):
       dropped["empty_description"] += 1

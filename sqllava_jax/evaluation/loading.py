@@ -50,8 +50,10 @@ class ModelOptions:
 
 def mesh_config(spec: Optional[str], rules=MeshConfig().rules) -> Optional[MeshConfig]:
   """'data=1,fsdp=8' -> MeshConfig(data=1, fsdp=8, tensor=1); None for no spec."""
-  if not spec:
-    return None
+  return _spec_mesh(spec, rules) if spec else None
+
+
+def _spec_mesh(spec: str, rules) -> MeshConfig:
   return MeshConfig(**parse_mesh_spec(spec), rules=tuple(rules))
 
 
@@ -61,7 +63,7 @@ def engine_options(options: ModelOptions, cfg: Config, default_mesh: Optional[Me
   config's rules, `unstack_layers`."""
   mesh = default_mesh
   if options.mesh:
-    mesh = make_mesh(mesh_config(options.mesh, cfg.mesh.rules))
+    mesh = make_mesh(_spec_mesh(options.mesh, cfg.mesh.rules))
   return {"mesh": mesh, "rules": cfg.mesh.rules, "unstack_layers": options.unstack_layers}
 
 
@@ -77,7 +79,7 @@ def load_for_inference(ckpt: str, *, step: Optional[int] = None, overrides: Sequ
   shardings = None
   if mesh:
     saved = _saved_config(ckpt, step, overrides)
-    mesh_cfg = mesh_config(mesh, saved.mesh.rules)
+    mesh_cfg = _spec_mesh(mesh, saved.mesh.rules)
     shardings = _sharded(saved, make_mesh(mesh_cfg))
   elif jax.process_count() > 1:
     shardings = _replicated(_saved_config(ckpt, step, overrides))

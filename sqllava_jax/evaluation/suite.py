@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import jax
 
+from sqllava_jax.data.images import AspectRatio
 from sqllava_jax.evaluation import llava_bench, mmbench, mmvet, submissions
 from sqllava_jax.evaluation.benchmarks import Benchmark, Entry, Suite, load_suite, read_questions
 from sqllava_jax.evaluation.engine import Engine
@@ -83,9 +84,9 @@ def _headline(result: dict, key: str, scale: float) -> Optional[float]:
 class _Run:
   """One suite run's shared state: options, the engine, the judge."""
 
-  def __init__(self, engine: Engine, options: SuiteOptions, aspect_ratio: str):
+  def __init__(self, engine: Engine, options: SuiteOptions, aspect_ratio: AspectRatio):
     self.engine, self.options, self.aspect_ratio = engine, options, aspect_ratio
-    self.judge = None
+    self.judge: Optional[Judge] = None
     if options.judge is not None and jax.process_index() == 0:  # only process 0 judges
       self.judge = Judge(options.judge, os.path.join(options.out_dir, JUDGE_CACHE))
 
@@ -147,7 +148,7 @@ class _Run:
 
   def _submit(self, bench: Benchmark, outcome: Outcome, answers: str, questions: list[dict],
               question_file: str, out_dir: str) -> None:
-    context = {"questions": questions, "question_file": question_file,
+    context: dict[str, Any] = {"questions": questions, "question_file": question_file,
                "all_questions": self._all_questions(bench, questions)}
     if bench.submission in submissions.NEEDS_ANNOTATIONS:
       context["annotations"] = self.annotations(bench, question_file)
@@ -207,38 +208,38 @@ class _Run:
     if self.judge is None:
       outcome.note += "not judged: name a judge with --judge-url and --judge-model"
       return None
-    judge = self._llava_bench if bench.judged == "llava_bench" else self._mmvet
+    judged = self._llava_bench if bench.judged == "llava_bench" else self._mmvet
     try:
-      return judge(bench, outcome, answers)
+      return judged(self.judge, bench, outcome, answers)
     except FileNotFoundError as e:
       outcome.note += f"not judged: {e}"
       return None
 
-  def _llava_bench(self, bench: Benchmark, outcome: Outcome, answers: str) -> dict:
+  def _llava_bench(self, judge: Judge, bench: Benchmark, outcome: Outcome, answers: str) -> dict:
     files = llava_bench.load_bench(bench.path(self.options.data_dir, ""))
     p = bench.judge
-    reviews = llava_bench.review(self.judge, llava_bench.Protocol(p.system, p.temperature,
-                                                                  p.max_tokens),
+    reviews = llava_bench.review(judge, llava_bench.Protocol(p.system, p.temperature,
+                                                             p.max_tokens),
                                  files["questions"], files["contexts"], files["references"],
                                  answers, files["rules"])
     outcome.files["reviews"] = llava_bench.write_reviews(
         os.path.join(os.path.dirname(answers), "reviews.jsonl"), reviews)
     return llava_bench.summarize(reviews)
 
-  def _mmvet(self, bench: Benchmark, outcome: Outcome, answers: str) -> dict:
+  def _mmvet(self, judge: Judge, bench: Benchmark, outcome: Outcome, answers: str) -> dict:
     samples = mmvet.load_samples(bench.path(self.options.data_dir, bench.annotations))
     p = bench.judge
     prompt = mmvet.read_prompt(bench.path(self.options.data_dir, p.prompt_file))
     protocol = mmvet.Protocol(p.retry_suffix, p.temperature, p.temperature_step, p.max_tokens,
                               p.max_replies)
-    grades = mmvet.grade_all(self.judge, protocol, prompt, samples, answers)
+    grades = mmvet.grade_all(judge, protocol, prompt, samples, answers)
     outcome.files["grades"] = mmvet.write_grades(
         os.path.join(os.path.dirname(answers), "grades.json"), grades)
     return mmvet.capability_scores(grades, samples)
 
 
 def run_suite(engine: Engine, suite_path: str, options: SuiteOptions, *,
-              aspect_ratio: str = "pad") -> Optional[dict]:
+              aspect_ratio: AspectRatio = "pad") -> Optional[dict]:
   """Runs the suite; returns the report (also written as results.json / results.md) on
   process 0, None on the others."""
   suite, benches = load_suite(suite_path)

@@ -22,8 +22,7 @@ import os
 from typing import Callable, Optional
 
 from sqllava_jax.config import Config
-from sqllava_jax.convert import (FORMATS, adapters, llava_format, reference_export,
-                                 tokenizer_files)
+from sqllava_jax.convert import FORMATS, adapters, llava_format, reference_export, tokenizer_files
 from sqllava_jax.convert.hf_export import ExportOptions, Job, export_clip, export_llama
 from sqllava_jax.convert.hf_io import CheckpointError
 from sqllava_jax.convert.output import atomic_directory, check_output

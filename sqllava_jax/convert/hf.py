@@ -17,8 +17,13 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from sqllava_jax.config import LLMConfig, LoRAConfig, ModelConfig, VisionConfig
-from sqllava_jax.convert.hf_io import (CheckpointError, CheckpointReader, PrefixedSource,
-                                       TensorSource, read_config)
+from sqllava_jax.convert.hf_io import (
+  CheckpointError,
+  CheckpointReader,
+  PrefixedSource,
+  TensorSource,
+  read_config,
+)
 from sqllava_jax.convert.transfer import import_tensors
 from sqllava_jax.models import llama, vision
 from sqllava_jax.models.key_map import prefixed

@@ -105,7 +105,8 @@ class CheckpointReader:
       try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
       except Exception as e:
-        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True) ({e})") from e
+        raise CheckpointError(
+          f"{path}: cannot load with torch.load(weights_only=True) ({e})") from e
       self._bins[path] = _tensors_only(path, loaded)
     return self._bins[path]
 
@@ -122,7 +123,8 @@ class CheckpointReader:
         with safe_open(path, framework="flax") as f:
           return np.asarray(f.get_tensor(name))
       except Exception as e:
-        raise CheckpointError(f"{path}: cannot read tensor {name} ({e}); is the file truncated?") from e
+        raise CheckpointError(
+          f"{path}: cannot read tensor {name} ({e}); is the file truncated?") from e
     return _torch_to_numpy(self._load_bin(path)[name])
 
 

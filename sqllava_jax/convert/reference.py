@@ -32,13 +32,31 @@ import os
 import re
 from typing import Optional
 
-from sqllava_jax.config import (LLM_LORA_TARGETS, VIT_LORA_TARGETS, Config, LLMConfig,
-                                ModelConfig, ProjectorConfig)
+from sqllava_jax.config import (
+  LLM_LORA_TARGETS,
+  VIT_LORA_TARGETS,
+  Config,
+  LLMConfig,
+  ModelConfig,
+  ProjectorConfig,
+)
 from sqllava_jax.convert import adapters
-from sqllava_jax.convert.hf import (abstract_shapes, assemble, config_from_hf, read_clip_vision,
-                                    read_llama, vision_config_from_hf)
-from sqllava_jax.convert.hf_io import (CheckpointError, CheckpointReader, OverlaySource,
-                                       RenamedSource, TensorSource, read_config)
+from sqllava_jax.convert.hf import (
+  abstract_shapes,
+  assemble,
+  config_from_hf,
+  read_clip_vision,
+  read_llama,
+  vision_config_from_hf,
+)
+from sqllava_jax.convert.hf_io import (
+  CheckpointError,
+  CheckpointReader,
+  OverlaySource,
+  RenamedSource,
+  TensorSource,
+  read_config,
+)
 from sqllava_jax.convert.transfer import import_tensors
 from sqllava_jax.models import llama, projector, vision
 from sqllava_jax.models.key_map import KeySpec, prefixed
@@ -120,9 +138,9 @@ def check_original_llm(llm: LLMConfig) -> None:
     raise CheckpointError(f"the LLM uses rope_theta={llm.rope_theta}; the original's "
                           f"transformers 4.31 always uses {ROPE_THETA_431}: export it as llama")
   if llm.effective_head_dim * llm.num_heads != llm.hidden_size:
-    raise CheckpointError(f"the LLM's head_dim={llm.effective_head_dim} is not hidden_size / num_heads "
-                          f"({llm.hidden_size} / {llm.num_heads}), which transformers 4.31 "
-                          "assumes: export it as llama")
+    raise CheckpointError(f"the LLM's head_dim={llm.effective_head_dim} is not hidden_size / "
+                          f"num_heads ({llm.hidden_size} / {llm.num_heads}), which transformers "
+                          "4.31 assumes: export it as llama")
 
 
 def reference_config(cfg: Config, *, vision_tower: str, dtype: str,

@@ -26,8 +26,15 @@ import numpy as np
 
 from sqllava_jax.config import Config
 from sqllava_jax.convert import adapters, reference, tokenizer_files
-from sqllava_jax.convert.hf_export import (ExportOptions, Job, export_clip, generation_config,
-                                           tokenizer_path, write_json, write_weights)
+from sqllava_jax.convert.hf_export import (
+  ExportOptions,
+  Job,
+  export_clip,
+  generation_config,
+  tokenizer_path,
+  write_json,
+  write_weights,
+)
 from sqllava_jax.convert.hf_io import CheckpointError
 from sqllava_jax.convert.transfer import export_tensors
 from sqllava_jax.models import llama, vision

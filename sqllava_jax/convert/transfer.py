@@ -20,7 +20,8 @@ def is_float_dtype(dtype: np.dtype) -> bool:
   return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
 
 
-def import_tensors(key_map: Sequence[KeySpec], source: TensorSource, expected: Mapping[str, tuple[int, ...]],
+def import_tensors(key_map: Sequence[KeySpec], source: TensorSource,
+                   expected: Mapping[str, tuple[int, ...]],
                    *, ignore: Callable[[str], bool] = lambda name: False,
                    dtype: Optional[np.dtype] = None) -> dict[str, np.ndarray]:
   """HF tensors -> {our path: array}. `expected` gives our shape per path; unconsumed source
@@ -68,6 +69,7 @@ def export_tensors(key_map: Sequence[KeySpec], get: Callable[[str], np.ndarray]
       yield spec.hf, spec.to_hf(np.asarray(value))
       continue
     if value.shape[0] != spec.num_layers:
-      raise ValueError(f"{spec.ours} has {value.shape[0]} stacked layers; expected {spec.num_layers}")
+      raise ValueError(
+        f"{spec.ours} has {value.shape[0]} stacked layers; expected {spec.num_layers}")
     for i, name in enumerate(spec.hf_names()):
       yield name, spec.to_hf(np.asarray(value[i]))

@@ -14,8 +14,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqllava_jax.evaluation.answers import (PathLike, Record, as_answer_records, index_unique,
-                                            match_answers, mean, unknown_question)
+from sqllava_jax.evaluation.answers import (
+  PathLike,
+  Record,
+  as_answer_records,
+  index_unique,
+  match_answers,
+  mean,
+  unknown_question,
+)
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
                   "landmark", "artwork", "OCR")

@@ -14,8 +14,15 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqllava_jax.evaluation.answers import (PathLike, Record, as_answer_records, match_answers,
-                                            mean, question_id_resolver, records_by_question_id)
+from sqllava_jax.evaluation.answers import (
+  PathLike,
+  Record,
+  as_answer_records,
+  match_answers,
+  mean,
+  question_id_resolver,
+  records_by_question_id,
+)
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 _NO_WORDS = frozenset({"No", "no", "not"})
@@ -44,10 +51,10 @@ def binary_scores(predicted_yes: Sequence[bool], label_yes: Sequence[bool]) -> d
     raise ValueError(f"binary_scores needs as many predictions as labels, at least one; got "
                      f"{len(predicted_yes)} and {len(label_yes)}")
   pairs = list(zip(predicted_yes, label_yes))
-  tp = sum(p and l for p, l in pairs)
-  fp = sum(p and not l for p, l in pairs)
-  tn = sum(not p and not l for p, l in pairs)
-  fn = sum(not p and l for p, l in pairs)
+  tp = sum(p and y for p, y in pairs)
+  fp = sum(p and not y for p, y in pairs)
+  tn = sum(not p and not y for p, y in pairs)
+  fn = sum(not p and y for p, y in pairs)
   precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
   return {
       "accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall,
@@ -93,7 +100,7 @@ def pope_scores(predictions: Iterable[Record] | PathLike, annotations: Any) -> d
     predicted, labels = by_split[_split_of(annotation, qid)]
     predicted.append(parse_yes_no_pope(prediction["text"]))
     labels.append(_label_is_yes(annotation, qid))
-  per_split = {s: binary_scores(p, l) for s, (p, l) in by_split.items() if l}
+  per_split = {s: binary_scores(p, y) for s, (p, y) in by_split.items() if y}
   return {
       "per_split": per_split,
       "mean_f1": mean(r["f1"] for r in per_split.values()),

@@ -78,8 +78,8 @@ def load_image_bytes(data: bytes, *, name: str, size: int, aspect_ratio: images.
   return images.normalize(pixels)
 
 
-def load_inline_image(encoded: str, *, name: str, size: int, aspect_ratio: images.AspectRatio = "pad"
-                      ) -> np.ndarray:
+def load_inline_image(encoded: str, *, name: str, size: int,
+                      aspect_ratio: images.AspectRatio = "pad") -> np.ndarray:
   """`load_image` for a base64-encoded image (MMBench's TSV `image` column)."""
   try:
     data = base64.b64decode(encoded, validate=False)

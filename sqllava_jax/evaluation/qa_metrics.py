@@ -17,9 +17,16 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqllava_jax.evaluation.answers import (PathLike, Record, as_answer_records, lookup,
-                                            match_answers, mean, question_id_resolver,
-                                            records_by_question_id)
+from sqllava_jax.evaluation.answers import (
+  PathLike,
+  Record,
+  as_answer_records,
+  lookup,
+  match_answers,
+  mean,
+  question_id_resolver,
+  records_by_question_id,
+)
 
 OPTION_LETTERS = string.ascii_uppercase
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from sqllava_jax.evaluation import mmbench, mmvet, seed_bench
 from sqllava_jax.evaluation.answers import as_answer_records, load_json_or_jsonl
-from sqllava_jax.evaluation.vqa_metrics import normalize_answer_evalai
 from sqllava_jax.evaluation.outputs import write_json
+from sqllava_jax.evaluation.vqa_metrics import normalize_answer_evalai
 
 
 def _texts(answers: Any, task: str) -> dict[str, str]:

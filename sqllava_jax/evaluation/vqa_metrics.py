@@ -25,9 +25,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqllava_jax.evaluation.answer_normalization import EVALAI, VIZWIZ, VQA, strip_whitespace
-from sqllava_jax.evaluation.answers import (PathLike, Record, as_answer_records, index_unique,
-                                            match_answers, mean, question_id_resolver,
-                                            records_by_question_id, unknown_question)
+from sqllava_jax.evaluation.answers import (
+  PathLike,
+  Record,
+  as_answer_records,
+  index_unique,
+  match_answers,
+  mean,
+  question_id_resolver,
+  records_by_question_id,
+  unknown_question,
+)
 
 
 def normalize_answer(text: str) -> str:

@@ -25,7 +25,6 @@ from sqllava_jax.models.attention import attention, cache_attention
 from sqllava_jax.models.key_map import KeySpec, linear_key_map, norm_key_map, transpose
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
-
 # Logical axes of a layer's cache [B, K, S, H] and of the stacked cache [L, B, K, S, H]:
 # rows over the batch axes, kv heads over `tensor`, as the activations they hold.
 CACHE_AXES = ("batch", "kv_heads", "length", None)

@@ -16,8 +16,13 @@ from flax import nnx
 from sqllava_jax.config import LoRAConfig, VisionConfig
 from sqllava_jax.models import layers as L
 from sqllava_jax.models.attention import attention
-from sqllava_jax.models.key_map import (KeySpec, conv_to_hf, conv_to_ours, linear_key_map,
-                                         norm_key_map)
+from sqllava_jax.models.key_map import (
+  KeySpec,
+  conv_to_hf,
+  conv_to_ours,
+  linear_key_map,
+  norm_key_map,
+)
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 

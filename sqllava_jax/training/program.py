@@ -28,7 +28,8 @@ DEVICE_KEYS = MODEL_INPUTS + ("attention_mask",)
 class TrainProgram:
   def __init__(self, cfg: Config, mesh: Mesh, total_steps: int):
     self.cfg, self.mesh, self.rules, self.total_steps = cfg, mesh, cfg.mesh.rules, total_steps
-    self.rng_unrolled = threefry_unrolled_on_cpu()  # dropout masks fused on CPU (planner reports it)
+    # dropout masks fused on CPU (the planner reports it)
+    self.rng_unrolled = threefry_unrolled_on_cpu()
     model = abstract_model(cfg.model)
     self.graphdef = nnx.split(model)[0]
     abs_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

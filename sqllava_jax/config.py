@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, TypeVar
 
 from sqllava_jax import configlib
 from sqllava_jax.configlib import ConfigError
 from sqllava_jax.data import sources
+
+if TYPE_CHECKING:  # the checker's protocol of dataclass instances (no runtime module)
+  from _typeshed import DataclassInstance
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
@@ -476,7 +479,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
   return configlib.from_dict(cls, data)
 
 
-def replace(cfg, **changes):
+_Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
+
+
+def replace(cfg: _Dataclass, **changes: Any) -> _Dataclass:
   """`dataclasses.replace` that takes dotted keys: replace(cfg, **{'model.llm.num_layers': 2})."""
   nested: dict = {}
   for key, value in changes.items():
@@ -486,7 +492,7 @@ def replace(cfg, **changes):
       nested[head][rest] = value
     else:
       nested[head] = value
-  out = {}
+  out: dict[str, Any] = {}
   for head, value in nested.items():
     if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, head)):
       out[head] = replace(getattr(cfg, head), **value)

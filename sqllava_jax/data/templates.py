@@ -97,7 +97,7 @@ class Segment:
 class _Layout:
   """Accumulates untrained text and emits segments, cutting at `<image>`."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.segments: list[Segment] = [Segment("bos", "", False)]
     self.pending = ""
     self.pending_role: Optional[str] = None

@@ -87,7 +87,8 @@ class Tokenizer:
     if skip_special_tokens:
       drop = {self.bos_id, self.eos_id, self.pad_id}
       return self._sp.decode([i for i in ids if i not in drop])
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for i in ids:
       if i in (self.bos_id, self.eos_id, self.unk_id):
         if run:

@@ -140,5 +140,6 @@ def pad_rows(arrays: Sequence[Optional[np.ndarray]], multiple: int) -> tuple:
   out = []
   for a in arrays:
     extra = -len(a) % multiple if a is not None else 0
-    out.append(a if not extra else np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]))
+    out.append(a if a is None or not extra
+               else np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]))
   return tuple(out)

@@ -12,9 +12,9 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from sqllava_jax import configlib
 from sqllava_jax.cli import main as cli
 from sqllava_jax.models import lora
-from sqllava_jax import configlib
 from sqllava_jax.training.checkpoint import Checkpointer, load_model
 
 TOKENIZER_VOCAB = 400  # what train_tiny_tokenizer(vocab_size=400) really gives
@@ -181,6 +181,7 @@ def peft_load_strict(model, directory: str):
   """`PeftModel.from_pretrained(model, directory).merge_and_unload()` (the original's lora_pt
   step), failing if PEFT reports any adapter key it could not place (it only warns)."""
   import warnings
+
   import peft
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

@@ -17,9 +17,18 @@ import numpy as np
 import torch
 import transformers
 
-from tests.convert_helpers import (IMAGE_ID, assert_close, load_safetensors_dir, nchw,
-                                   original_clip_tree, our_logits_and_assignments,
-                                   our_vision_hidden, peft_load_strict, pixels_nhwc, text_ids)
+from tests.convert_helpers import (
+  IMAGE_ID,
+  assert_close,
+  load_safetensors_dir,
+  nchw,
+  original_clip_tree,
+  our_logits_and_assignments,
+  our_vision_hidden,
+  peft_load_strict,
+  pixels_nhwc,
+  text_ids,
+)
 from tests.hf_fixtures import randomize_, to_np
 from tests.test_projector_parity import torch_prototype_extractor
 

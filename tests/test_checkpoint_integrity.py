@@ -13,8 +13,14 @@ import pytest
 
 from sqllava_jax import cli
 from sqllava_jax.training import integrity
-from sqllava_jax.training.checkpoint import (Checkpointer, DamagedCheckpointError, PARAMS,
-                                             abstract_params, config_from_meta, load_model)
+from sqllava_jax.training.checkpoint import (
+  PARAMS,
+  Checkpointer,
+  DamagedCheckpointError,
+  abstract_params,
+  config_from_meta,
+  load_model,
+)
 from sqllava_jax.training.trainer import Trainer
 from sqllava_jax.tree_paths import flat
 from tests.checkpoint_helpers import trained  # noqa: F401  (a fixture)
@@ -132,14 +138,16 @@ def test_a_damaged_or_missing_manifest_is_not_trusted(run_copy):
   manifest["files"][rel]["size"] += 1  # an edited manifest no longer matches its own CRC
   with open(path, "w") as f:
     json.dump(manifest, f)
-  assert integrity.verify(step_dir) == ["integrity.json is damaged (its own checksum does not match)"]
+  assert integrity.verify(step_dir) == [
+    "integrity.json is damaged (its own checksum does not match)"]
   os.remove(path)
   assert integrity.verify(step_dir)[0].startswith("no integrity.json")
   # A file added after the commit is reported too.
   integrity.write_manifest(step_dir)
   with open(os.path.join(step_dir, "meta", "extra"), "w") as f:
     f.write("x")
-  assert integrity.verify(step_dir) == ["meta/extra: not in integrity.json (written after the commit)"]
+  assert integrity.verify(step_dir) == [
+    "meta/extra: not in integrity.json (written after the commit)"]
 
 
 def test_resume_skips_a_damaged_newest_step(run_copy, data_dir, capsys):

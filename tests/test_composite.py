@@ -51,8 +51,8 @@ def test_model_embeddings_hold_projected_features_at_image_positions(model):
   assert not np.allclose(feats[0], feats[1]), "the two images must give different features"
   np.testing.assert_allclose(embeds[1, 3], text[7], atol=1e-6)
   np.testing.assert_allclose(embeds[0, 0], text[1], atol=1e-6)
-  np.testing.assert_allclose(embeds[0, 1 + p:], np.broadcast_to(text[5], (t - 1 - p, text.shape[1])),
-                             atol=1e-6)
+  np.testing.assert_allclose(embeds[0, 1 + p:],
+                             np.broadcast_to(text[5], (t - 1 - p, text.shape[1])), atol=1e-6)
 
 
 def test_forward_has_static_shapes_and_logits(model):

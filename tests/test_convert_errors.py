@@ -1,9 +1,9 @@
 """Bad input to `convert`: a clear error naming the file and tensor, and nothing at --out."""
 
 import argparse
-import re
 import json
 import os
+import re
 import shutil
 
 import numpy as np

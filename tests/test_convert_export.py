@@ -11,15 +11,27 @@ import torch
 import transformers
 from PIL import Image
 
+from sqllava_jax.cli import main as cli
 from sqllava_jax.data.images import normalize, preprocess_image
 from sqllava_jax.data.tokenizer import Tokenizer
-from sqllava_jax.cli import main as cli
 from sqllava_jax.evaluation.prompts import question_prompt
 from sqllava_jax.training.checkpoint import load_model
-from tests.convert_helpers import (IMAGE_ID, TOKENIZER_VOCAB, assert_close, load_safetensors_dir,
-                                   nchw, original_clip_tree, our_logits, our_vision_hidden,
-                                   peft_load_strict, pixels_nhwc, run_cli, simulate_training,
-                                   text_ids, write_yaml)
+from tests.convert_helpers import (
+  IMAGE_ID,
+  TOKENIZER_VOCAB,
+  assert_close,
+  load_safetensors_dir,
+  nchw,
+  original_clip_tree,
+  our_logits,
+  our_vision_hidden,
+  peft_load_strict,
+  pixels_nhwc,
+  run_cli,
+  simulate_training,
+  text_ids,
+  write_yaml,
+)
 from tests.data_helpers import train_tiny_tokenizer
 from tests.hf_fixtures import save_clip_vision, save_llama, tiny_llama_config, to_np
 from tests.test_projector_parity import torch_prototype_extractor

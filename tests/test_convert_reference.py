@@ -15,8 +15,17 @@ import transformers
 from sqllava_jax.convert.hf import abstract_shapes, assemble, read_clip_vision, read_llama
 from sqllava_jax.models.sqllava import SQLLaVA
 from sqllava_jax.training.checkpoint import load_model
-from tests.convert_helpers import (IMAGE_ID, assert_close, nchw, our_logits, our_vision_hidden,
-                                   pixels_nhwc, run_cli, text_ids, write_yaml)
+from tests.convert_helpers import (
+  IMAGE_ID,
+  assert_close,
+  nchw,
+  our_logits,
+  our_vision_hidden,
+  pixels_nhwc,
+  run_cli,
+  text_ids,
+  write_yaml,
+)
 from tests.hf_fixtures import save_clip_vision, save_llama, tiny_llama_config, to_np
 
 ATOL = 1e-4
@@ -32,8 +41,10 @@ def lora_tensors(model, targets, rank, key, seed):
   out = {}
   for name, module in model.named_modules():
     if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-      out[f"{key(name)}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.1
-      out[f"{key(name)}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.1
+      out[f"{key(name)}.lora_A.weight"] = (
+        torch.randn(rank, module.in_features, generator=gen) * 0.1)
+      out[f"{key(name)}.lora_B.weight"] = (
+        torch.randn(module.out_features, rank, generator=gen) * 0.1)
   return out
 
 
@@ -111,7 +122,8 @@ def merged_llama(ref):
   import peft  # Slow to import; only the LoRA layouts need it.
   base = transformers.LlamaForCausalLM.from_pretrained(ref["root"] / "vicuna",
                                                        attn_implementation="eager")
-  return peft.PeftModel.from_pretrained(base, ref["root"] / "sqllava-lora").merge_and_unload().eval()
+  merged = peft.PeftModel.from_pretrained(base, ref["root"] / "sqllava-lora").merge_and_unload()
+  return merged.eval()
 
 
 def merged_clip(ref):

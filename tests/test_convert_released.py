@@ -21,13 +21,32 @@ import transformers
 
 from sqllava_jax.training.checkpoint import load_model
 from tests.convert_helpers import fails, original_clip_tree, run_cli
-from tests.convert_original import (CLIP_HUB_ID, IMAGE, ITERATIONS, LLM_R, PATCH, PROTOTYPES,
-                                    VIT_ALPHA, VIT_R, Clustering, compare_with_original,
-                                    find_all_linear_names, llama_431_config, original_config,
-                                    original_load, save_sharded_bin, save_stage1, save_stage2,
-                                    train_original)
-from tests.hf_fixtures import (randomize_, save_clip_vision, tiny_clip_vision_config,
-                               tiny_llama_config)
+from tests.convert_original import (
+  CLIP_HUB_ID,
+  IMAGE,
+  ITERATIONS,
+  LLM_R,
+  PATCH,
+  PROTOTYPES,
+  VIT_ALPHA,
+  VIT_R,
+  Clustering,
+  compare_with_original,
+  find_all_linear_names,
+  llama_431_config,
+  original_config,
+  original_load,
+  save_sharded_bin,
+  save_stage1,
+  save_stage2,
+  train_original,
+)
+from tests.hf_fixtures import (
+  randomize_,
+  save_clip_vision,
+  tiny_clip_vision_config,
+  tiny_llama_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +115,7 @@ def lora_import(released):
 def test_layouts_are_the_originals(released):
   """The saves above really carry the names the facts list (else nothing here tests them)."""
   layer = "encoder.layers.1.self_attn.q_proj.lora_A.weight"
-  assert f"base_model.model.model.layers.0.mlp.down_proj.lora_B.weight" in released["adapter"]
+  assert "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight" in released["adapter"]
   assert f"base_model.model.model.vision_tower.vision_tower.vision_model.{layer}" in \
       released["adapter"]
   assert f"base_model.model.vision_tower.vision_model.{layer}" in released["vit"]

@@ -81,7 +81,8 @@ def test_transformers_loads_the_export_strictly(hf_dirs, exported):
   llama_out, clip_out = exported
   ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
   pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-  for cls, out, ref, inputs in ((transformers.LlamaForCausalLM, llama_out, llama, {"input_ids": ids}),
+  for cls, out, ref, inputs in ((transformers.LlamaForCausalLM, llama_out, llama,
+                                 {"input_ids": ids}),
                                 (transformers.CLIPVisionModel, clip_out, clip,
                                  {"pixel_values": pixels})):
     # Eager attention as the fixtures use, so identical weights give identical outputs.

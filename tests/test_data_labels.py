@@ -6,15 +6,21 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
+from data_helpers import (
+  IGNORE,
+  IMAGE_ID,
+  hf_llama_tokenizer_v4_layout,
+  reference_labels,
+  train_tiny_tokenizer,
+  trained_spans,
+)
 from PIL import Image
 
-from data_helpers import (IGNORE, IMAGE_ID, hf_llama_tokenizer_v4_layout, reference_labels,
-                          train_tiny_tokenizer, trained_spans)
+from sqllava_jax.data.conversations import parse_record, relabel_self_questions
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.examples import ExampleBuilder
-from sqllava_jax.data.sources import JsonSource
 from sqllava_jax.data.labels import tokenize_conversation
-from sqllava_jax.data.conversations import parse_record, relabel_self_questions
+from sqllava_jax.data.sources import JsonSource
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER, build_prompt, get_template
 from sqllava_jax.data.tokenizer import Tokenizer
 from sqllava_jax.demo import synthetic

@@ -4,11 +4,11 @@ import json
 import logging
 import os
 
+import grain
 import numpy as np
 import pytest
 from etils import epath
 
-import grain
 from sqllava_jax.config import Config, replace
 from sqllava_jax.data import images
 from sqllava_jax.data.errors import BadRecord

@@ -163,7 +163,8 @@ def test_vqa_items_cover_every_question_type(made):
   assert synthetic.CHANCE == {"color": 0.25, "shape": 1 / 3, "count": 0.25, "position": 0.25}
 
 
-SCENE = Scene((SceneObject("red", "circle", "northwest"), SceneObject("blue", "square", "northeast"),
+SCENE = Scene((SceneObject("red", "circle", "northwest"),
+               SceneObject("blue", "square", "northeast"),
                SceneObject("blue", "square", "southeast")))
 
 

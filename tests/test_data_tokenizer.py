@@ -3,9 +3,14 @@
 import pickle
 
 import pytest
+from data_helpers import (
+  IMAGE_ID,
+  hf_llama_tokenizer,
+  hf_llama_tokenizer_v4_layout,
+  reference_image_tokenize,
+  train_tiny_tokenizer,
+)
 
-from data_helpers import (IMAGE_ID, hf_llama_tokenizer, hf_llama_tokenizer_v4_layout,
-                          reference_image_tokenize, train_tiny_tokenizer)
 from sqllava_jax.data.templates import ASSISTANT, USER, VUSER, build_prompt
 from sqllava_jax.data.tokenizer import Tokenizer
 

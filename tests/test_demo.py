@@ -78,7 +78,7 @@ def test_fast_demo_writes_report_curves_and_exports(fast_demo):
   start = lines.index("| question (sampled) | answer (greedy) | valid question | correct answer |")
   end = lines.index("", start)
   asked = lines[start + 2:end]  # after the header and its |---| rule
-  assert len(asked) == 3 and all(l.startswith("| ") for l in asked), lines[start:end]
+  assert len(asked) == 3 and all(row.startswith("| ") for row in asked), lines[start:end]
   for name in ("asked", "answers", "loss"):
     assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC, name
     assert f"(figures/{name}.png)" in report
@@ -92,10 +92,12 @@ def test_fast_demo_writes_report_curves_and_exports(fast_demo):
 
 def _params(stage_dir):
   from flax import nnx
+
   from sqllava_jax.training.checkpoint import load_model
   from sqllava_jax.tree_paths import flat
   model, cfg = load_model(str(stage_dir / "checkpoints"))
-  params = {k: np.asarray(v) for k, v in flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+  params = {k: np.asarray(v)
+            for k, v in flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
   return params, cfg
 
 
@@ -180,6 +182,7 @@ def _records(stage_dir):
 
 def test_fast_demo_on_a_base_trains_stages_1_and_2_on_it(fast_demo, fast_demo_on_base):
   from safetensors.numpy import load_file
+
   from sqllava_jax.demo import base
   made, _ = fast_demo
   out, proc = fast_demo_on_base

@@ -47,6 +47,7 @@ def test_shipped_base_is_the_current_stage0_recipe(shipped):
 def test_shipped_base_installs_as_a_checkpoint_of_exactly_its_tensors(shipped, tmp_path):
   from flax import nnx
   from safetensors.numpy import load_file
+
   from sqllava_jax.training.checkpoint import load_model
   from sqllava_jax.tree_paths import flat
   folder, recipe = shipped

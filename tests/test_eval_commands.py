@@ -1,9 +1,7 @@
 """The inference commands end to end on a tiny checkpoint: generate, ask, eval."""
 
 import json
-import os
 
-import numpy as np
 import pytest
 
 from sqllava_jax import cli
@@ -11,7 +9,6 @@ from sqllava_jax.commands.eval import request_of
 from sqllava_jax.config import Config
 from sqllava_jax.data.images import load_pixels, normalize
 from sqllava_jax.data.tokenizer import Tokenizer
-from sqllava_jax.demo import synthetic
 from sqllava_jax.evaluation.eval_command import perplexity_config
 from sqllava_jax.evaluation.generate import Generator
 from sqllava_jax.evaluation.sampling import Sampling
@@ -144,7 +141,8 @@ def test_eval_benchmark_task_without_annotations_writes_answers(run, tmp_path, c
                                          str(questions), "--max-new-tokens", str(NEW),
                                          "--batch-size", "8"))
   assert result["scored"] is False and "--annotations" in result["note"]
-  assert [json.loads(l)["question_id"] for l in open(tmp_path / "out" / "answers.jsonl")] == [7, 8]
+  answers = tmp_path / "out" / "answers.jsonl"
+  assert [json.loads(line)["question_id"] for line in open(answers)] == [7, 8]
 
 
 def test_path_flags_stay_strings():

@@ -42,7 +42,8 @@ def images(run, tmp_path):
 
 
 def write_jsonl(path, lines):
-  path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+  path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                          for line in lines))
   return str(path)
 
 
@@ -77,7 +78,7 @@ def test_every_kind_of_bad_question_is_skipped_and_counted(run, images, tmp_path
   data = write_jsonl(tmp_path / "q.jsonl", BAD_FILE)
   assert cli.main(eval_argv(run, data, images, tmp_path / "out")) == 0
   result = last_json(capsys)
-  answers = [json.loads(l) for l in open(tmp_path / "out" / "answers.jsonl")]
+  answers = [json.loads(line) for line in open(tmp_path / "out" / "answers.jsonl")]
   assert [(a["question_id"], a["prompt"]) for a in answers] == [
       ("good", "Is there a circle?"), ("good", "Is there a square?"),
       ("text_only", "Is the sky blue?")]
@@ -135,7 +136,7 @@ def test_scienceqa_file_asks_each_problem(run, images, tmp_path, capsys, monkeyp
   q4 = f"Context: A shape.\nWhich shape is it?\nOptions: (A) circle (B) square\n{suffix}"
   q9 = f"Which is a mammal?\nOptions: (A) cat (B) trout\n{suffix}"
   assert sent == [f"{VICUNA} USER: <image>\n{q4} ASSISTANT:", f"{VICUNA} USER: {q9} ASSISTANT:"]
-  answers = [json.loads(l) for l in open(tmp_path / "out" / "answers.jsonl")]
+  answers = [json.loads(line) for line in open(tmp_path / "out" / "answers.jsonl")]
   assert [(a["question_id"], a["prompt"]) for a in answers] == [("4", f"<image>\n{q4}"),
                                                                 ("9", q9)]
 
@@ -164,7 +165,7 @@ def test_eval_suite_counts_them_per_benchmark(run, tmp_path):
                                                "malformed_question": 1}
   assert b["skipped"]["skipped_first"] == ["7", "8", "9"]
   assert b["note"].startswith("skipped 3 records (75.0% of 4 read)")
-  answers = [json.loads(l) for l in open(tmp_path / "out" / "scienceqa" / "answers.jsonl")]
+  answers = [json.loads(line) for line in open(tmp_path / "out" / "scienceqa" / "answers.jsonl")]
   assert [a["question_id"] for a in answers] == ["8"]
   with pytest.raises(BadRecord, match=r"\[duplicate_question\] record '8', index 2"):
     run_suite(engine, suite, options("strict", True))

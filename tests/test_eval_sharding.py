@@ -27,6 +27,7 @@ def mesh_vs_one(ckpt: str, tokenizer: str) -> dict:
   greedy (prompts of 67-116 tokens) and sampled (137-186 tokens): the eval command tests
   compile the same two 8-device programs."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from sqllava_jax.evaluation.generate import Generator  # pylint: disable=g-import-not-at-top
   from sqllava_jax.evaluation.sampling import Sampling  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8, jax.devices()

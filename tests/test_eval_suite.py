@@ -146,10 +146,10 @@ def test_submission_files_in_the_servers_layouts(uninterrupted):
   for name in ("mmbench", "mmbench_test"):
     sheet = _read_sheet(files[name]["submission"])
     assert len(sheet) == 7 and sheet[0]["G"] == "prediction"
-  seed = [json.loads(l) for l in open(files["seed_bench"]["submission"])]
+  seed = [json.loads(line) for line in open(files["seed_bench"]["submission"])]
   assert [s["question_id"] for s in seed] == ["101", "102"]
   assert set(json.load(open(files["mmvet"]["submission"]))) == {"v1_0", "v1_1", "v1_2"}
-  assert len([json.loads(l) for l in open(files["llava_bench"]["reviews"])]) == 2
+  assert len([json.loads(line) for line in open(files["llava_bench"]["reviews"])]) == 2
 
 
 def test_results_md_puts_the_papers_numbers_beside_ours(uninterrupted):

@@ -10,7 +10,7 @@ import torch
 
 from sqllava_jax.convert.hf import llama_from_hf
 from sqllava_jax.evaluation import generate as G
-from sqllava_jax.evaluation.sampling import GREEDY, Sampling
+from sqllava_jax.evaluation.sampling import Sampling
 from tests.hf_fixtures import save_llama, tiny_llama_config
 
 NEW = 32

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from sqllava_jax.config import LoRAConfig
-from sqllava_jax.convert.hf import llama_from_hf, model_from_hf, vision_from_hf
-from sqllava_jax.convert.hf_io import CheckpointError
 from sqllava_jax.config import load_config
+from sqllava_jax.convert.hf import llama_from_hf, model_from_hf
+from sqllava_jax.convert.hf_io import CheckpointError
 from tests.hf_fixtures import save_clip_vision, save_llama, tiny_llama_config
 
 
@@ -39,7 +38,8 @@ def test_wrong_shape_names_the_tensor(llama_dir, tmp_path):
   def edit(t):
     t["model.layers.1.mlp.up_proj.weight"] = np.zeros((95, 64), np.float32)
   rewrite(llama_dir, tmp_path, edit)
-  with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(95, 64\)"):
+  with pytest.raises(ValueError,
+                     match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(95, 64\)"):
     llama_from_hf(str(tmp_path))
 
 
@@ -53,7 +53,8 @@ def test_unexpected_tensor_is_named(llama_dir, tmp_path):
   def edit(t):
     t["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
   rewrite(llama_dir, tmp_path, edit)
-  with pytest.raises(ValueError, match=r"unexpected tensors, e\.g\. model\.layers\.0\.self_attn\.q_proj\.bias"):
+  with pytest.raises(ValueError, match=r"unexpected tensors, e\.g\. "
+                                       r"model\.layers\.0\.self_attn\.q_proj\.bias"):
     llama_from_hf(str(tmp_path))
 
 

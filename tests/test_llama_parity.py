@@ -1,6 +1,5 @@
 """LLaMA decoder vs transformers' LlamaForCausalLM on the same weights (fp32, CPU)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sqllava_jax.config import LLMConfig, LoRAConfig, LLM_LORA_TARGETS
+from sqllava_jax.config import LLM_LORA_TARGETS, LLMConfig, LoRAConfig
 from sqllava_jax.models import lora
 from sqllava_jax.models.layers import Linear
 from sqllava_jax.models.llama import Llama
@@ -75,7 +75,8 @@ def test_dropout_only_with_a_key_and_only_on_the_adapter_path():
   x = jnp.ones((4, 16))
   np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(layer(x)))
   # B = 0: dropout on the adapter input cannot change the output.
-  np.testing.assert_allclose(np.asarray(layer(x, jax.random.key(0))), np.asarray(layer(x)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(layer(x, jax.random.key(0))), np.asarray(layer(x)),
+                             atol=1e-6)
   layer.lora_b[...] = jnp.ones((4, 8))
   assert float(jnp.abs(layer(x, jax.random.key(0)) - layer(x)).max()) > 1e-3
 

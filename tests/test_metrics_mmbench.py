@@ -218,6 +218,7 @@ def _matcher(tmp_path, server):
 def test_the_judge_matches_what_no_rule_reads_then_a_seeded_random_letter(tmp_path,
                                                                           monkeypatch):
   import random  # pylint: disable=g-import-not-at-top
+
   from tests.eval_suite_data import JudgeServer  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("TEST_JUDGE_KEY", "k")
   replies = iter(["hmm", "B", "no idea", "none", "still no"])

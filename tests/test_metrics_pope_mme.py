@@ -4,10 +4,19 @@ import json
 
 import pytest
 
-from sqllava_jax.evaluation.mme import (MME_COGNITION, MME_PERCEPTION, load_mme_annotations,
-                                        mme_scores, parse_yes_no_mme)
-from sqllava_jax.evaluation.pope import (binary_scores, parse_yes_no_pope, pope_annotations,
-                                         pope_scores)
+from sqllava_jax.evaluation.mme import (
+  MME_COGNITION,
+  MME_PERCEPTION,
+  load_mme_annotations,
+  mme_scores,
+  parse_yes_no_mme,
+)
+from sqllava_jax.evaluation.pope import (
+  binary_scores,
+  parse_yes_no_pope,
+  pope_annotations,
+  pope_scores,
+)
 
 
 @pytest.mark.parametrize("text, is_yes", [

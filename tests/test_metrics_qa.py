@@ -2,8 +2,12 @@
 
 import pytest
 
-from sqllava_jax.evaluation.qa_metrics import (gqa_accuracy, parse_choice, parse_choice_official,
-                                              scienceqa_accuracy)
+from sqllava_jax.evaluation.qa_metrics import (
+  gqa_accuracy,
+  parse_choice,
+  parse_choice_official,
+  scienceqa_accuracy,
+)
 
 _GQA = {
     "201307251": {"answer": "yes", "types": {"structural": "verify", "semantic": "attr"}},

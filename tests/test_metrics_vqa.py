@@ -4,7 +4,6 @@ import pytest
 
 from sqllava_jax.evaluation import vqa_metrics as vqa
 
-
 C = "\u2019"  # the curly apostrophe of the VizWiz table
 DOTS_40 = "yes" + "." * 40
 

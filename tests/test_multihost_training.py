@@ -64,4 +64,5 @@ def test_two_processes_equal_one(tmp_path, data_dir):
   # The checkpoint holds the data-iterator state of each process and resumes in both.
   step_dir = os.path.join(multi, "checkpoints", str(STEPS))
   data_files = os.listdir(os.path.join(step_dir, "data"))
-  assert any("process_0" in f for f in data_files) and any("process_1" in f for f in data_files), data_files
+  assert (any("process_0" in f for f in data_files)
+          and any("process_1" in f for f in data_files)), data_files

@@ -4,6 +4,7 @@ exactly like the same examples one at a time, resume exactly, and still count ba
 import functools
 import json
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,6 @@ import pytest
 from etils import epath
 from flax import nnx
 
-import grain
 from sqllava_jax.config import MeshConfig, replace
 from sqllava_jax.data import images
 from sqllava_jax.data.examples import collate

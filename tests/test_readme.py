@@ -46,7 +46,8 @@ LAUNCHERS = [w for w in readme_commands()
              if any(x.startswith("launch/") for x in w)]
 
 
-@pytest.mark.parametrize("words", LAUNCHERS, ids=lambda w: next(x for x in w if x.startswith("launch/")))
+@pytest.mark.parametrize("words", LAUNCHERS,
+                         ids=lambda w: next(x for x in w if x.startswith("launch/")))
 def test_launcher_commands_dry_run(words):
   i = next(i for i, x in enumerate(words) if x.startswith("launch/"))
   cmd = ["bash", words[i], "--dry-run", *words[i + 1:]]

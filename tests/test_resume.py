@@ -42,11 +42,13 @@ def wait_for_step(ckpt_dir, step, proc, timeout=600):
 def final_params(out):
   ckpt = Checkpointer(os.path.join(out, "checkpoints"), read_only=True)
   step = ckpt.latest_step()
-  from sqllava_jax.training.checkpoint import load_model
   from flax import nnx
+
+  from sqllava_jax.training.checkpoint import load_model
   from sqllava_jax.tree_paths import flat
   model, _ = load_model(os.path.join(out, "checkpoints"))
-  return step, {k: np.asarray(v) for k, v in flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+  params = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return step, {k: np.asarray(v) for k, v in params.items()}
 
 
 def order(out):

@@ -60,7 +60,8 @@ def test_second_train_refuses_naming_the_live_holder(holder, tmp_path):
                            f"output_dir={out}", f"data.synthetic.dir={tmp_path / 'data'}"],
                           env=subprocess_env(1), capture_output=True, text=True, timeout=300)
   assert second.returncode == 1, second.stderr[-2000:]
-  last = [l for l in second.stderr.splitlines() if l.startswith("sqllava-jax train: error:")][-1]
+  last = [line for line in second.stderr.splitlines()
+          if line.startswith("sqllava-jax train: error:")][-1]
   assert last.startswith(f"sqllava-jax train: error: {out} is in use by another run")
   assert f"host {held['host']}, pid {proc.pid}, started {held['started']}" in last
   # It refused before writing anything: no checkpoint directory, the holder's lock untouched.
@@ -77,7 +78,8 @@ def test_lock_of_a_killed_run_is_taken_over(holder, capsys):
   lock.acquire()
   err = capsys.readouterr().err
   assert f"{out}: taking over the lock of a run that is gone" in err
-  assert f"pid {held['pid']}, started {held['started']}: no process {held['pid']} on this host" in err
+  assert (f"pid {held['pid']}, started {held['started']}: "
+          f"no process {held['pid']} on this host") in err
   assert read_lock(out)["pid"] == os.getpid()
   lock.release()
   assert not os.path.exists(os.path.join(out, run_lock.LOCK_NAME))

@@ -68,7 +68,8 @@ def test_disk_full_stops_cleanly_and_the_previous_checkpoint_survives(trained, d
                         text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]
   # (orbax's own log lines of the failed writes may come before or after ours)
-  ours = [l for l in proc.stderr.splitlines() if l.startswith("sqllava-jax train: error:")]
+  ours = [line for line in proc.stderr.splitlines()
+          if line.startswith("sqllava-jax train: error:")]
   assert len(ours) == 1, proc.stderr[-3000:]
   assert ours[0].startswith(f"sqllava-jax train: error: saving step 6 to {ckpt_dir}/6 failed: ")
   assert f"{ckpt_dir}/6.orbax-checkpoint-tmp/" in ours[0] and "File too large" in ours[0]

@@ -127,7 +127,8 @@ def test_chunked_cross_entropy_equals_the_full_computation():
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   valid = targets != IGNORE_INDEX
-  expected = -np.take_along_axis(logp, np.where(valid, targets, 0)[..., None], -1)[..., 0][valid].sum()
+  picked = np.take_along_axis(logp, np.where(valid, targets, 0)[..., None], -1)[..., 0]
+  expected = -picked[valid].sum()
   for chunk in (1, 4, 5, 13, 64):
     total, count = chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(kernel),
                                          jnp.asarray(targets), chunk)
@@ -313,7 +314,8 @@ def test_restore_onto_a_different_mesh(tmp_path, data_dir):
   assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
   up = state["params"]["llm"]["layers"]["mlp"]["up_proj"]["lora_b"]
   moments = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "shape", ()) == up.shape]
-  assert len(moments) == 4 and all(m.sharding == up.sharding for m in moments)  # gate and up: mu, nu
+  # gate and up: mu, nu
+  assert len(moments) == 4 and all(m.sharding == up.sharding for m in moments)
 
 
 def test_stage2_starts_from_stage1(tmp_path, data_dir):

@@ -55,7 +55,8 @@ def test_full_clip_checkpoint_imports_its_vision_tower(tmp_path, pixels):
   hf = save_clip_vision(tmp_path, seed=1, full=True)
   tower = vision_from_hf(str(tmp_path), select_layer=-2)
   with torch.no_grad():
-    ref = to_np(hf.vision_model(pixel_values=pixels[1], output_hidden_states=True).hidden_states[-2])
+    out = hf.vision_model(pixel_values=pixels[1], output_hidden_states=True)
+    ref = to_np(out.hidden_states[-2])
   features, _ = tower(jnp.asarray(pixels[0]))
   np.testing.assert_allclose(np.asarray(features), ref[:, 1:], atol=ATOL, rtol=0)
 
@@ -65,6 +66,7 @@ def test_position_embeddings_start_at_the_configured_scale(std):
   """`init_position_std` sets the position embeddings' initial spread (CLIP's 0.02 by
   default; the demo's from-scratch tower starts them larger) and nothing else."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from sqllava_jax.config import LoRAConfig, VisionConfig  # pylint: disable=g-import-not-at-top
   from sqllava_jax.models.vision import VisionTower  # pylint: disable=g-import-not-at-top
   cfg = VisionConfig(image_size=64, patch_size=4, hidden_size=64, intermediate_size=128,

@@ -74,6 +74,7 @@ def random_batch(cfg, rows: int, seq: int, rng: np.random.Generator) -> dict:
 def main() -> None:
   args = parse_args()
   import jax  # pylint: disable=g-import-not-at-top
+
   from sqllava_jax.config import load_config  # pylint: disable=g-import-not-at-top
   from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from sqllava_jax.training import flops  # pylint: disable=g-import-not-at-top

@@ -13,7 +13,6 @@ below), then a padding collate. "Per core" runs pin this process to one CPU.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random

@@ -64,6 +64,7 @@ def padded_batches(examples, rows: int, length: int, s: Shapes):
 
 def packed_batches(examples, rows: int, length: int, slots: int, s: Shapes):
   import grain  # pylint: disable=g-import-not-at-top
+
   from sqllava_jax.data import packing  # pylint: disable=g-import-not-at-top
   ds = grain.MapDataset.source(examples).to_iter_dataset()
   ds = packing.pack(ds, length=length, image_slots=slots, max_examples=16, num_bins=rows,
@@ -79,6 +80,7 @@ class Runner:
 
   def __init__(self, cfg, batches):
     import jax  # pylint: disable=g-import-not-at-top
+
     from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
     from sqllava_jax.training.program import TrainProgram  # pylint: disable=g-import-not-at-top
     self.program = TrainProgram(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), 1000)

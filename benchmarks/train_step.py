@@ -22,14 +22,14 @@ alternate ours / reference, each a fresh process: build, one warm-up step, an fp
 probe in that framework ([4096, 1024] x [1024, 2816], the decoder's MLP shape, so the
 practical limit is measured under the same conditions), then the timed steps. Ours runs
 with `remat_policy: dots` (3.5 GiB of temporaries instead of 5.1, and a little faster here)
-and logits chunks of 256 (chunks past each row's last trained position are skipped). Model FLOPs are analytical (`training.flops`: forward,
-input gradients through frozen weights, weight gradients only for trainable ones).
+and logits chunks of 256 (chunks past each row's last trained position are skipped). Model
+FLOPs are analytical (`training.flops`: forward, input gradients through frozen weights,
+weight gradients only for trainable ones).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import statistics
@@ -91,9 +91,19 @@ def make_batch(s: Shapes, image_token_id: int, seed: int = 0) -> dict[str, np.nd
 # --- ours -------------------------------------------------------------------------------------
 
 def our_config(s: Shapes, attention: str, chunk: int):
-  from sqllava_jax.config import (LLM_LORA_TARGETS, STAGE2_PARAM_GROUPS, VIT_LORA_TARGETS,
-                                  Config, LLMConfig, LoRAConfig, MeshConfig, ModelConfig,
-                                  ProjectorConfig, TrainConfig, VisionConfig)
+  from sqllava_jax.config import (
+    LLM_LORA_TARGETS,
+    STAGE2_PARAM_GROUPS,
+    VIT_LORA_TARGETS,
+    Config,
+    LLMConfig,
+    LoRAConfig,
+    MeshConfig,
+    ModelConfig,
+    ProjectorConfig,
+    TrainConfig,
+    VisionConfig,
+  )
   # Stage 2's groups, with the frozen bases in float32 (bfloat16 matmuls are slower on CPU).
   groups = tuple(dataclasses.replace(g, param_dtype="float32") for g in STAGE2_PARAM_GROUPS)
   model = ModelConfig(
@@ -117,6 +127,7 @@ class Ours:
 
   def __init__(self, s: Shapes, attention: str, chunk: int):
     import jax  # pylint: disable=g-import-not-at-top
+
     from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
     from sqllava_jax.training.program import TrainProgram  # pylint: disable=g-import-not-at-top
     self.cfg = our_config(s, attention, chunk)

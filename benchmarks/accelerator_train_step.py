@@ -76,6 +76,7 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   from sqllava_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.models.layers import unroll_threefry_on_cpu  # pylint: disable=g-import-not-at-top
   from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from sqllava_jax.training import flops  # pylint: disable=g-import-not-at-top
   from sqllava_jax.training.program import TrainProgram  # pylint: disable=g-import-not-at-top
@@ -90,6 +91,7 @@ def main() -> None:
   print(f"{n} x {kind} ({devices[0].platform}); jax {jax.__version__}; config {args.config}; "
         f"batch {args.batch}/device x {args.seq} tokens; remat {cfg.model.remat_policy}; "
         f"attention {cfg.model.attention_impl}", flush=True)
+  unroll_threefry_on_cpu()  # as the train command lowers dropout's RNG
   program = TrainProgram(cfg, make_mesh(cfg.mesh, devices), total_steps=args.steps + 2)
   start = time.perf_counter()
   state = program.fresh_state(cfg.seed)

@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from sqllava_jax.config import load_config
+from sqllava_jax.models.layers import unroll_threefry_on_cpu
 from sqllava_jax.parallel.mesh import make_mesh
 from sqllava_jax.training import integrity
 from sqllava_jax.training.checkpoint import Checkpointer
@@ -53,6 +54,7 @@ LEAF_BYTES = 256 << 20
 def plan_bytes(config: str = PLAN) -> dict[str, int]:
   """Bytes a save of `config`'s training state writes, by dtype (shapes only, nothing built)."""
   cfg = load_config(config)
+  unroll_threefry_on_cpu()  # as the train command lowers dropout's RNG
   program = TrainProgram(cfg, make_mesh(cfg.mesh), total_steps=1)
   out: dict[str, int] = collections.Counter()
   for leaf in jax.tree.leaves(program.abstract_state):

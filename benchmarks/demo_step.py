@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 from sqllava_jax.data.pipeline import make_pipeline  # noqa: E402
 from sqllava_jax.demo import configs, synthetic  # noqa: E402
+from sqllava_jax.models.layers import unroll_threefry_on_cpu  # noqa: E402
 from sqllava_jax.parallel.mesh import make_mesh  # noqa: E402
 from sqllava_jax.training.program import TrainProgram  # noqa: E402
 
@@ -44,6 +45,7 @@ class Variant:
                   f"attention block {cfg.model.attention_block_size}")
     synthetic.ensure_dataset(cfg.data.synthetic, image_size=cfg.model.vision.image_size)
     rows = iter(make_pipeline(cfg, batch_size=cfg.train.per_device_batch_size))
+    unroll_threefry_on_cpu()  # as the train command lowers dropout's RNG
     self.program = TrainProgram(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]),
                                 total_steps=1000)
     self.state = self.program.fresh_state(cfg.seed)

@@ -1,7 +1,7 @@
 """Questions per second of our `eval` loop against the reference's way of answering a
 VQA-style file, on the same weights.
 
-    python benchmarks/eval_throughput.py [--questions 24] [--batch 8] [--new 16]
+    python benchmarks/eval_throughput.py [--questions 24] [--batch 8] [--new 16] [--cores N]
 
 The reference loop is LLaVA's `llava/eval/model_vqa_loader.py`: one question at a time,
 the image loaded and preprocessed, then `generate(do_sample=False, max_new_tokens=N)`; here
@@ -12,7 +12,9 @@ model: CLIP-like tower (112 px, patch 14: 64 image tokens, width 256, 4 layers),
 `mlp2x_gelu` projector, a LLaMA of width 1024, 8 layers, MLP 2816, fp32; the synthetic
 set's questions and 112 px images. Each side runs in a worker process of its own (`ab.py`);
 the first pass of each warms up (compiles) and is not timed. Both answer greedily, so the
-answers should agree; the share that does is printed.
+answers should agree; the share that does is printed. With `--cores N` (N > 1) ours runs
+on N simulated CPU devices with the model split over a `tensor` mesh axis, one device per
+core, as `generate.py` explains; the reference's torch uses every core through its threads.
 """
 
 from __future__ import annotations
@@ -40,17 +42,20 @@ def parse_args():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--new", type=int, default=16, help="max new tokens per answer")
   p.add_argument("--vocab", type=int, default=1000, help="the synthetic tokenizer's size")
+  p.add_argument("--cores", type=int, default=1,
+                 help="ours on this many simulated CPU devices, the model split over them")
   return p.parse_args()
 
 
 def build(root: str, vocab: int) -> dict:
   """The synthetic set, a random checkpoint of the mid-size model and its llava export."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from sqllava_jax.config import load_config  # pylint: disable=g-import-not-at-top
   from sqllava_jax.convert.export import export_checkpoint  # pylint: disable=g-import-not-at-top
   from sqllava_jax.demo import synthetic  # pylint: disable=g-import-not-at-top
   from sqllava_jax.models.sqllava import SQLLaVA  # pylint: disable=g-import-not-at-top
   from sqllava_jax.training.checkpoint import save_model  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   paths = synthetic.generate(os.path.join(root, "data"), num_train=8, num_eval=64,
                              image_size=112, vocab_size=vocab)
   from sqllava_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
@@ -66,17 +71,25 @@ def build(root: str, vocab: int) -> dict:
 
 class OursWorker:
   def __init__(self, files: dict, args):
+    if args.cores > 1:  # this worker process has not imported jax yet
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={args.cores}")
     import jax  # pylint: disable=g-import-not-at-top
+
     from sqllava_jax.evaluation import eval_loop, loading  # pylint: disable=g-import-not-at-top
     from sqllava_jax.evaluation.engine import Engine  # pylint: disable=g-import-not-at-top
     from sqllava_jax.evaluation.questions import load_questions
-    model, cfg = loading.load_for_inference(files["ckpt"])
-    self.engine = Engine(model, loading.tokenizer_for(cfg, files["ckpt"]))
+    # What `eval --ckpt CKPT [--mesh tensor=N]` loads.
+    options = loading.ModelOptions(files["ckpt"],
+                                   mesh=f"tensor={args.cores}" if args.cores > 1 else None)
+    model, cfg, tokenizer = loading.load(options)
+    self.engine = Engine(model, tokenizer, **loading.engine_options(options, cfg))
     self.questions = load_questions(files["questions"])[:args.questions]
     self.settings = eval_loop.EvalSettings(images_dir=files["images"], batch_size=args.batch,
                                            max_new_tokens=args.new, model_id="bench")
     self.answer_shard = eval_loop.answer_shard
-    self.header = f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    self.header = (f"jax {jax.__version__} on {len(jax.devices())} "
+                   f"{jax.devices()[0].platform} device(s)")
 
   def info(self) -> dict:
     return {"header": self.header}
@@ -94,6 +107,7 @@ class ReferenceWorker:
   def __init__(self, files: dict, args):
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
+
     from sqllava_jax.evaluation.questions import load_questions
     self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
         files["hf"], torch_dtype=torch.float32).eval()
@@ -108,6 +122,7 @@ class ReferenceWorker:
   def run(self, limit: int) -> tuple[float, list[str]]:
     import torch  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     from sqllava_jax.evaluation.prompts import question_prompt
     start, texts = time.perf_counter(), []
     for q in self.questions[:limit]:

@@ -1,6 +1,7 @@
 """Tokens/s of batched greedy generation: ours vs transformers' `generate` on the same weights.
 
-    python benchmarks/generate.py [--repeats 3] [--batches 1 8] [--layers 8] [--profile]
+    python benchmarks/generate.py [--repeats 3] [--batches 1 8] [--layers 8] [--cores N]
+                                  [--profile]
 
 A mid-size random LLaMA (width 1024, 8 layers, 16 heads, MLP 2816, vocab 32000, fp32),
 prompts of 32 tokens, 128 new tokens (no row stops early). Each implementation runs in a
@@ -11,6 +12,13 @@ compared with the machine's memory bandwidth, measured here with a large numpy c
 jitted sum. Report the load average with the numbers: the machine may be shared.
 `--profile` also traces one of our runs per batch size with `jax.profiler` and prints where
 its device time goes, per operation (the shares hold on a busy machine too).
+
+Ours runs twice: on one CPU device, and split over the machine's cores (`--cores`, default
+all of them) as one simulated device per core with the weights, KV cache and activations
+sharded over a `tensor` mesh axis. XLA runs each matmul of a decode step on a single core
+(process CPU time equals wall time), while torch splits its matmuls over all its threads;
+the mesh is how a JAX program gives its work to every core. A user gets the same with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N ... --mesh tensor=N`.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ def parse_args():
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--mlp", type=int, default=2816)
   p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--cores", type=int, default=os.cpu_count(),
+                 help="the split run's simulated devices (tensor axis); 1 skips that run")
   p.add_argument("--skip-hf", action=argparse.BooleanOptionalAction, default=False)
   p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
                  help="print our per-operation time breakdown at each batch size")
@@ -97,15 +107,26 @@ class HFWorker:
 
 
 class OursWorker:
-  """Our model imported from the transformers directory, with the memory-bandwidth probe."""
+  """Our model imported from the transformers directory, on one device or (`cores` > 1)
+  sharded over `cores` simulated CPU devices on a tensor axis; with the memory-bandwidth
+  probe on one device."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, cores: int = 1):
+    if cores > 1:  # this worker process has not imported jax yet
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={cores}")
     import jax  # pylint: disable=g-import-not-at-top
+
+    from sqllava_jax.config import MeshConfig  # pylint: disable=g-import-not-at-top
     from sqllava_jax.convert.hf import llama_from_hf  # pylint: disable=g-import-not-at-top
     from sqllava_jax.evaluation.generate import Generator  # pylint: disable=g-import-not-at-top
-    self.generator = Generator(llama_from_hf(directory), eos_id=-1, pad_id=0)  # never stops
-    self.bandwidth = memory_bandwidth()
-    self.header = f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=cores)) if cores > 1 else None
+    self.generator = Generator(llama_from_hf(directory), eos_id=-1, pad_id=0,  # never stops
+                               mesh=mesh)
+    self.bandwidth = memory_bandwidth() if cores == 1 else None
+    self.header = (f"jax {jax.__version__} on {len(jax.devices())} "
+                   f"{jax.devices()[0].platform} device(s)")
 
   def info(self) -> dict:
     return {"header": self.header, "bandwidth": self.bandwidth}
@@ -128,6 +149,7 @@ def profile_breakdown(generator, prompts, new: int, top: int = 12) -> list[tuple
   import collections  # pylint: disable=g-import-not-at-top
   import glob  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   hlo = generator.program.lower(len(prompts), len(prompts[0]), new).compile().as_text()
   names = {}
@@ -178,15 +200,17 @@ def report(batch: int, times: dict, args, bandwidth: float) -> None:
   for name, (full, prefill) in times.items():
     total, first = statistics.median(full), statistics.median(prefill)
     step = (total - first) / (args.new - 1)
-    print(f"batch {batch:>2} {name:<12} {batch * args.new / total:7.1f} tok/s "
+    print(f"batch {batch:>2} {name:<22} {batch * args.new / total:7.1f} tok/s "
           f"(best {batch * args.new / min(full):.1f})  {1e3 * step:6.1f} ms/step  weights "
           f"{weights / step / 1e9:5.1f} GB/s ({weights / step / bandwidth:.0%} of measured "
           f"bandwidth)  prefill {1e3 * first:.0f} ms")
   if "transformers" in times:
-    ours, theirs = times["sqllava-jax"][0], times["transformers"][0]
-    print(f"batch {batch:>2} ratio sqllava-jax / transformers: "
-          f"{statistics.median(theirs) / statistics.median(ours):.2f}x (medians), "
-          f"{min(theirs) / min(ours):.2f}x (best runs)")
+    theirs = times["transformers"][0]
+    for name, (ours, _) in times.items():
+      if name != "transformers":
+        print(f"batch {batch:>2} ratio {name} / transformers: "
+              f"{statistics.median(theirs) / statistics.median(ours):.2f}x (medians), "
+              f"{min(theirs) / min(ours):.2f}x (best runs)")
 
 
 def main() -> None:
@@ -198,13 +222,17 @@ def main() -> None:
     hf = stack.enter_context(ab.Side("transformers", HFWorker, args, directory))
     ours = stack.enter_context(ab.Side("sqllava-jax", OursWorker, directory))
     sides = [ours]
+    if args.cores > 1:
+      sides.append(stack.enter_context(ab.Side(f"sqllava-jax tensor={args.cores}", OursWorker,
+                                               directory, args.cores)))
     if args.skip_hf:
       hf.close()
     else:
       sides.append(hf)
     copy, read = ours.info["bandwidth"]
     bandwidth = max(copy, read)
-    print(f"{ours.info['header']}; {hf.info['header']}")
+    print("; ".join(side.info["header"] for side in sides if side is not hf) +
+          f"; {hf.info['header']}")
     print(f"memory bandwidth: numpy copy (read + write) {copy / 1e9:.1f} GB/s, jitted sum "
           f"(read) {read / 1e9:.1f} GB/s; weights read per decode step: "
           f"{weight_bytes_per_step(args) / 1e6:.0f} MB")

@@ -81,8 +81,10 @@ class Runner:
   def __init__(self, cfg, batches):
     import jax  # pylint: disable=g-import-not-at-top
 
+    from sqllava_jax.models.layers import unroll_threefry_on_cpu  # pylint: disable=g-import-not-at-top
     from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
     from sqllava_jax.training.program import TrainProgram  # pylint: disable=g-import-not-at-top
+    unroll_threefry_on_cpu()  # as the train command lowers dropout's RNG
     self.program = TrainProgram(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), 1000)
     self.state = self.program.fresh_state(0)
     self.batches = batches

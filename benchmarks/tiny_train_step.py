@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sqllava_jax.config import MeshConfig, load_config  # noqa: E402
+from sqllava_jax.models.layers import unroll_threefry_on_cpu  # noqa: E402
 from sqllava_jax.parallel.mesh import make_mesh  # noqa: E402
 from sqllava_jax.training.program import TrainProgram  # noqa: E402
 
@@ -43,6 +44,7 @@ def random_rows(cfg, rows: int, rng: np.random.Generator) -> dict:
 
 
 def time_steps(cfg, mesh, rows: int, steps: int) -> float:
+  unroll_threefry_on_cpu()  # as the train command lowers dropout's RNG
   program = TrainProgram(cfg, mesh, total_steps=steps + 1)
   state = program.fresh_state(cfg.seed)
   batch = program.global_batch(random_rows(cfg, rows, np.random.default_rng(0)))

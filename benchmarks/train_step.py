@@ -128,9 +128,11 @@ class Ours:
   def __init__(self, s: Shapes, attention: str, chunk: int):
     import jax  # pylint: disable=g-import-not-at-top
 
+    from sqllava_jax.models.layers import unroll_threefry_on_cpu  # pylint: disable=g-import-not-at-top
     from sqllava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
     from sqllava_jax.training.program import TrainProgram  # pylint: disable=g-import-not-at-top
     self.cfg = our_config(s, attention, chunk)
+    unroll_threefry_on_cpu()  # as the train command lowers dropout's RNG
     self.program = TrainProgram(self.cfg, make_mesh(self.cfg.mesh, jax.devices()[:1]), 1000)
     self.state = self.program.fresh_state(0)
     self.batch = self.program.global_batch(make_batch(s, self.cfg.model.image_token_id))

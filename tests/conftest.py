@@ -22,3 +22,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from sqllava_jax.models.layers import unroll_threefry_on_cpu  # noqa: E402
+
+# The train command lowers dropout's RNG unrolled (process-wide; see there): so does the
+# suite, whose tests train in process, so they train as the command does, as fast.
+unroll_threefry_on_cpu()

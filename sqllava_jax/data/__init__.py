@@ -1,4 +1,4 @@
-"""Tokenizer, templates and labels, images, the Grain pipeline, the TFDS builder, synthetic data.
+"""Tokenizer, templates and labels, images, the Grain pipeline, the TFDS builder.
 
 Public entry points (import them from their modules; this package imports nothing eagerly,
 so evaluation code can take the templates without Grain or TFDS):
@@ -6,11 +6,11 @@ so evaluation code can take the templates without Grain or TFDS):
   tokenizer.Tokenizer(path)                   legacy LLaMA SentencePiece wrapper
   templates.get_template / build_prompt / render_segments
   labels.tokenize_conversation(...)           input_ids and loss labels of a conversation
-  records.parse_record / relabel_self_questions
+  conversations.parse_record / relabel_self_questions
   images.load_pixels / normalize              CLIP preprocessing
   pipeline.make_pipeline(cfg, batch_size=...) Grain pipeline -> fixed-shape batches
   pipeline.make_example_builder(cfg)          one record -> one example (show-example, eval)
   tfds_builder.build_dataset(...)             JSON + images -> ArrayRecord shards
-  synthetic.generate / ensure_dataset / question_is_valid / answer_question / load_vqa
+  sources.register_source(...)                a data source by name (`data.source`)
   errors.BadRecord, errors.REASONS            skip reasons and their fixes
 """

@@ -12,8 +12,8 @@ the CPU backend does, each of which would otherwise dominate a bfloat16 plan:
   saved activations); GPU and TPU compute bfloat16 natively, so the pass is switched off;
 - attention runs query-blocked (`attention_impl: blocked`) as a stand-in for the fused kernel
   an accelerator runs (cuDNN on GPU, a flash kernel on TPU): neither keeps the [T, T] scores.
-(The dropout masks' threefry RNG is lowered unrolled, as on GPU and TPU, by every
-`TrainProgram`, not only here: see `models.layers.unrolled_threefry_on_cpu`.)
+(The dropout masks' threefry RNG is lowered unrolled, as on GPU and TPU, when the command
+has called `models.layers.unroll_threefry_on_cpu`, as `train` and `plan` do.)
 What remains CPU-specific is float32 temporaries between fusions where an accelerator keeps
 bfloat16, so a bfloat16 plan is an upper bound.
 """

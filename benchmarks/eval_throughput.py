@@ -13,8 +13,8 @@ model: CLIP-like tower (112 px, patch 14: 64 image tokens, width 256, 4 layers),
 set's questions and 112 px images. Each side runs in a worker process of its own (`ab.py`);
 the first pass of each warms up (compiles) and is not timed. Both answer greedily, so the
 answers should agree; the share that does is printed. With `--cores N` (N > 1) ours runs
-on N simulated CPU devices with the model split over a `tensor` mesh axis, one device per
-core, as `generate.py` explains; the reference's torch uses every core through its threads.
+on N simulated CPU devices with the model split over a `tensor` mesh axis (see
+`generate.py`: on a quiet machine this buys nothing).
 """
 
 from __future__ import annotations

@@ -130,22 +130,12 @@ def _generate_body(graphdef, state, layer_def, layer_states, ids, pixels, mask, 
                       max_new_tokens=max_new_tokens, greedy=greedy, eos_id=eos_id, pad_id=pad_id)
 
 
-def _jit_generate(compiler_options: Optional[dict[str, Any]] = None):
-  # The mesh and rules are static: the sharding constraints are read while tracing, so a
-  # program traced without them must never serve a mesh (and the other way round).
-  return jax.jit(_generate, static_argnums=(0, 2),
-                 static_argnames=("max_new_tokens", "greedy", "layout"),
-                 compiler_options=compiler_options)
-
-
-_generate_jit = _jit_generate()
-# On CPU devices decoding is matmuls of a few rows against weights streamed from memory
-# (profiled: 85-90 % of a decode step's time at batch 8, attention, cache and sampling the
-# rest). XLA's YNNPACK fusions run those dots at about 0.85x the speed of its default
-# (Eigen) dots at batch 8 (process CPU time per step, same at batch 1), so the CPU program
-# is compiled without them. The option is an XLA debug option of jaxlib 0.10.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_generate_jit_cpu = _jit_generate(CPU_COMPILER_OPTIONS)
+# The mesh and rules are static: the sharding constraints are read while tracing, so a
+# program traced without them must never serve a mesh (and the other way round). XLA's own
+# compiler options throughout: on CPU its YNNPACK fusions ran a batch-8 decode step 13 %
+# faster than its Eigen dots (benchmarks/RESULTS.md, Generation).
+_generate_jit = jax.jit(_generate, static_argnums=(0, 2),
+                        static_argnames=("max_new_tokens", "greedy", "layout"))
 
 
 # --- shardings ----------------------------------------------------------------------------------
@@ -163,9 +153,8 @@ class InferenceProgram:
                rules: Optional[Rules] = None, *, unstack_layers: Optional[bool] = None):
     llm = llm_of(model)  # fails early for a model we cannot generate with
     self.mesh, self.rules = mesh, tuple(rules if rules is not None else DEFAULT_RULES)
-    self.on_cpu = default_unstack(mesh)
-    self.unstack = self.on_cpu if unstack_layers is None else unstack_layers
-    self._jit = _generate_jit_cpu if self.on_cpu else _generate_jit
+    self.unstack = default_unstack(mesh) if unstack_layers is None else unstack_layers
+    self._jit = _generate_jit
     self.graphdef, abstract = nnx.split(model)
     self.num_layers = llm.cfg.num_layers
     self.layer_def, abstract_layers = nnx.split(llm.layers)

@@ -114,3 +114,17 @@ def test_models_import_nothing_above_them():
                  if (name + ".").startswith(f"{PACKAGE}.models.") for dep in deps
                  if any(dep == a or dep.startswith(a + ".") for a in above))
   assert not wrong, "the models import what is built on them:\n" + "\n".join(wrong)
+
+
+# The demo is a client of the library: only the command line (and the demo itself) imports
+# it; the core finds the demo's source and tasks through entry points (`sqllava_jax.plugins`).
+DEMO_CLIENTS = ("demo", "cli", "commands")
+
+
+def test_only_the_command_line_imports_the_demo():
+  clients = tuple(f"{PACKAGE}.{name}" for name in DEMO_CLIENTS)
+  demo = f"{PACKAGE}.demo"
+  wrong = sorted(f"{name} imports {dep}" for name, deps in import_graph().items()
+                 if not any(name == c or name.startswith(c + ".") for c in clients)
+                 for dep in deps if dep == demo or dep.startswith(demo + "."))
+  assert not wrong, "the core imports the demo:\n" + "\n".join(wrong)

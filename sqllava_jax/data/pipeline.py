@@ -29,9 +29,6 @@ from sqllava_jax.data.errors import SkipLog, Skipped
 from sqllava_jax.data.examples import BuildOrSkip, ExampleBuilder, batch_length, collate
 from sqllava_jax.data.tokenizer import Tokenizer
 
-# Registers the demo's `synthetic` source, so that every config that names it resolves here.
-from sqllava_jax.demo import synthetic  # noqa: F401  pylint: disable=unused-import
-
 SKIPPED_KEY = "_skipped"
 # This many bad records in a row without one good one means the configuration, not the
 # data, is wrong (paths, template): stop instead of skipping forever.

@@ -5,8 +5,9 @@ returns the record's encoded image bytes or raises `BadRecord` (missing, zero-by
 the folder). Sources pickle cheaply, so Grain can ship them to worker processes.
 
 The library registers `json` (a LLaVA JSON file with an image folder) and `tfds` (a build of
-`sqllava-jax build-dataset`); other code adds its own with `register_source` (the demo adds
-its generated shapes set, `synthetic`: `sqllava_jax.demo.synthetic`).
+`sqllava-jax build-dataset`); other code adds its own with `register_source`, and names the
+registering module in an entry point (`sqllava_jax.plugins`) so that a config naming it
+resolves without the core importing it (the demo's generated shapes set, `synthetic`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from sqllava_jax import plugins
 from sqllava_jax.data.errors import BadRecord
 from sqllava_jax.data.images import read_image_file, resolve_image_path
 
@@ -56,12 +58,16 @@ def register_source(name: str, build: Callable[[Any, str, int], Any], *,
 
 def source_kind(name: str) -> SourceKind:
   if name not in SOURCES:
+    plugins.load(plugins.SOURCES, name)
+  if name not in SOURCES:
     raise ValueError(f"unknown data.source {name!r}; choose one of {', '.join(SOURCES)}")
   return SOURCES[name]
 
 
 def check_data_config(data) -> None:
   """The checks the named source adds to a `DataConfig` (none for an unregistered name)."""
+  if data.source not in SOURCES:
+    plugins.load(plugins.SOURCES, data.source)
   kind = SOURCES.get(data.source)
   if kind is not None and kind.check is not None:
     kind.check(data)

@@ -1,7 +1,8 @@
 """Every task `score(task, predictions, annotations)` knows, in one registry.
 
 The benchmarks' metrics register here; other code adds its tasks with `register_task` (the
-demo registers its synthetic set's `synthetic_vqa` and `synthetic_sq`: `sqllava_jax.demo.tasks`).
+demo registers its synthetic set's `synthetic_vqa` and `synthetic_sq` in
+`sqllava_jax.demo.tasks`, found through its entry point: `sqllava_jax.plugins`).
 A task is its scorer plus how `eval` treats it (`Task`).
 
 predictions: the answers of one run in the LLaVA eval layout, a list of records with
@@ -23,6 +24,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from sqllava_jax import plugins
 from sqllava_jax.evaluation import mmbench, seed_bench
 from sqllava_jax.evaluation.answers import load_json_or_jsonl
 from sqllava_jax.evaluation.caption_metrics import score_captions
@@ -62,6 +64,8 @@ def register_task(name: str, scorer: Scorer, *,
 
 
 def get_task(name: str) -> Task:
+  if name not in TASKS:
+    plugins.load(plugins.TASKS, name)
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
   return TASKS[name]

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from sqllava_jax.data.tokenizer import Tokenizer
-from sqllava_jax.evaluation import prompts as P
 from sqllava_jax.evaluation.generate import Generator
+from sqllava_jax.evaluation.prompts import IMAGE_TOKEN
+from sqllava_jax.evaluation.prompts import encode as encode_prompt
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.models.sqllava import SQLLaVA
 
@@ -45,8 +46,8 @@ class Engine:
     return self.cfg.vision.image_size
 
   def encode(self, prompt: str) -> list[int]:
-    return P.encode(self.tokenizer, prompt, num_image_tokens=self.cfg.num_image_tokens,
-                    image_token_id=self.cfg.image_token_id)
+    return encode_prompt(self.tokenizer, prompt, num_image_tokens=self.cfg.num_image_tokens,
+                         image_token_id=self.cfg.image_token_id)
 
   def stack_images(self, pixels: Sequence[Optional[np.ndarray]],
                    with_pixels: bool = False) -> Optional[np.ndarray]:
@@ -78,9 +79,9 @@ class Engine:
     if len(prompts) != len(pixels):
       raise ValueError(f"{len(prompts)} prompts but {len(pixels)} images; give one (or None) each")
     for i, (text, image) in enumerate(zip(prompts, pixels)):
-      if (P.IMAGE_TOKEN in text) != (image is not None):
-        has = "holds" if P.IMAGE_TOKEN in text else "lacks"
-        raise ValueError(f"prompt {i} {has} {P.IMAGE_TOKEN} but "
+      if (IMAGE_TOKEN in text) != (image is not None):
+        has = "holds" if IMAGE_TOKEN in text else "lacks"
+        raise ValueError(f"prompt {i} {has} {IMAGE_TOKEN} but "
                          f"{'no' if image is None else 'an'} image was given")
     return self.complete_ids([self.encode(p) for p in prompts], pixels, **kwargs)
 

@@ -20,9 +20,16 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sqllava_jax.config import LLMConfig, LoRAConfig
-from sqllava_jax.models import layers as L
 from sqllava_jax.models.attention import attention, cache_attention
 from sqllava_jax.models.key_map import KeySpec, linear_key_map, norm_key_map, transpose
+from sqllava_jax.models.layers import (
+  Embed,
+  RMSNorm,
+  make_layer_stack,
+  param,
+  scan_layers,
+  shard_activation,
+)
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
 # Logical axes of a layer's cache [B, K, S, H] and of the stacked cache [L, B, K, S, H]:
@@ -52,11 +59,11 @@ class KVCache:
 
     def zeros() -> jax.Array | tuple[jax.Array, ...]:
       if per_layer:
-        return tuple(L.shard_activation(jnp.zeros(shape, dtype), CACHE_AXES)
+        return tuple(shard_activation(jnp.zeros(shape, dtype), CACHE_AXES)
                      for _ in range(cfg.num_layers))
-      return L.shard_activation(jnp.zeros((cfg.num_layers,) + shape, dtype), STACKED_CACHE_AXES)
+      return shard_activation(jnp.zeros((cfg.num_layers,) + shape, dtype), STACKED_CACHE_AXES)
 
-    valid = L.shard_activation(jnp.zeros((batch, max_len), bool), ("batch", "length"))
+    valid = shard_activation(jnp.zeros((batch, max_len), bool), ("batch", "length"))
     return cls(k=zeros(), v=zeros(), valid=valid, index=jnp.zeros((), jnp.int32))
 
   @property
@@ -82,9 +89,9 @@ def write_slots(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
   new = new.swapaxes(1, 2).astype(cache.dtype)
   if layer is None:
     out = jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
-    return L.shard_activation(out, CACHE_AXES)
+    return shard_activation(out, CACHE_AXES)
   out = jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
-  return L.shard_activation(out, STACKED_CACHE_AXES)
+  return shard_activation(out, STACKED_CACHE_AXES)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -139,10 +146,10 @@ class Attention(nnx.Module):
       new_kv = (ck, cv)
     if cache_kv is not None and not cache_kv.fresh:
       this_k, this_v = (ck, cv) if c.layer is None else (ck[c.layer], cv[c.layer])
-      keys = L.shard_activation(this_k.astype(q.dtype), CACHE_AXES)
-      values = L.shard_activation(this_v.astype(q.dtype), CACHE_AXES)
+      keys = shard_activation(this_k.astype(q.dtype), CACHE_AXES)
+      values = shard_activation(this_v.astype(q.dtype), CACHE_AXES)
       out = cache_attention(q, keys, values, masking)
-    out = L.shard_activation(out, ("batch", "length", "heads", None))
+    out = shard_activation(out, ("batch", "length", "heads", None))
     return self.o_proj(out.reshape(b, t, -1), fold_rng(rng, 3)), new_kv
 
 
@@ -155,7 +162,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x, rng):
     h = jax.nn.silu(self.gate_proj(x, fold_rng(rng, 0))) * self.up_proj(x, fold_rng(rng, 1))
-    h = L.shard_activation(h, ("batch", "length", "mlp"))
+    h = shard_activation(h, ("batch", "length", "mlp"))
     return self.down_proj(h, fold_rng(rng, 2))
 
 
@@ -165,9 +172,9 @@ class DecoderLayer(nnx.Module):
     make = linear_factory(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           lora_targets=lora.targets, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
-    self.input_layernorm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.self_attn = Attention(cfg, make_linear=make, impl=impl, block_size=block_size)
-    self.post_attention_layernorm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                               param_dtype=param_dtype)
     self.mlp = MLP(cfg, make_linear=make)
 
@@ -176,7 +183,7 @@ class DecoderLayer(nnx.Module):
                                fold_rng(rng, 0))
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x), fold_rng(rng, 1))
-    return L.shard_activation(x, ("batch", "length", "embed")), new_kv
+    return shard_activation(x, ("batch", "length", "embed")), new_kv
 
 
 class Llama(nnx.Module):
@@ -188,15 +195,15 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
-    self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
-    self.layers = L.make_layer_stack(
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
+    self.layers = make_layer_stack(
         lambda r: DecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype,
                                impl=attention_impl, block_size=attention_block_size, rngs=r),
         cfg.num_layers, rngs)
-    self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     if not cfg.tie_word_embeddings:
       init = jax.nn.initializers.normal(stddev=0.02)
-      self.lm_head = L.param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
+      self.lm_head = param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
                              ("embed", "vocab"))
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -230,7 +237,7 @@ class Llama(nnx.Module):
     arrays, which the CPU does with a copy: every decode step would write all the weights
     once more and read them twice. Separate arrays are read once, in place.
     """
-    x = L.shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
+    x = shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
     n = self.cfg.num_layers
     rngs = None if rng is None else jax.random.split(rng, n)
     if cache is None:
@@ -239,7 +246,7 @@ class Llama(nnx.Module):
         h, _ = layer(h, positions, segment_ids, None, layer_rng)
         return h, None
 
-      x, _ = L.scan_layers(self.layers, body, x, rngs, remat_policy=self.remat_policy)
+      x, _ = scan_layers(self.layers, body, x, rngs, remat_policy=self.remat_policy)
       return self.norm(x), None
 
     t = x.shape[1]
@@ -266,7 +273,7 @@ class Llama(nnx.Module):
                           layer_rng)
       return (h, ck, cv), None
 
-    (x, k, v), _ = L.scan_layers(self.layers, body_cached, (x, cache.k, cache.v),
+    (x, k, v), _ = scan_layers(self.layers, body_cached, (x, cache.k, cache.v),
                                  (rngs, jnp.arange(n)))
     return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 

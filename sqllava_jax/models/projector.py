@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from sqllava_jax.config import ProjectorConfig
-from sqllava_jax.models import layers as L
 from sqllava_jax.models.key_map import KeySpec, linear_key_map, norm_key_map, reshape_to, transpose
+from sqllava_jax.models.layers import LayerNorm, Linear, param, quick_gelu
 
 
 def adaptive_avg_pool(x: jax.Array, out_len: int) -> jax.Array:
@@ -43,15 +43,15 @@ class PrototypeExtractor(nnx.Module):
 
   def __init__(self, in_dim: int, out_dim: int, *, num_prototypes: int, num_iterations: int,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    linear = lambda i, o, axes: L.Linear(i, o, axes=axes, use_bias=True, dtype=dtype,
+    linear = lambda i, o, axes: Linear(i, o, axes=axes, use_bias=True, dtype=dtype,
                                          param_dtype=param_dtype, rngs=rngs)
     self.c = linear(in_dim, in_dim, ("vision_embed", None))
     self.v = linear(in_dim, in_dim, ("vision_embed", None))
     self.f = linear(in_dim, in_dim, ("vision_embed", None))
-    self.sim_alpha = L.param(jnp.ones((), param_dtype), ())
-    self.sim_beta = L.param(jnp.zeros((), param_dtype), ())
+    self.sim_alpha = param(jnp.ones((), param_dtype), ())
+    self.sim_beta = param(jnp.zeros((), param_dtype), ())
     # The reference builds `ln_1` but never applies it; kept so checkpoints round-trip.
-    self.ln_1 = L.LayerNorm(in_dim, eps=1e-5, axis_name="vision_embed", param_dtype=param_dtype)
+    self.ln_1 = LayerNorm(in_dim, eps=1e-5, axis_name="vision_embed", param_dtype=param_dtype)
     self.mlp_in = linear(in_dim, out_dim, ("vision_embed", "embed"))
     self.mlp_out = linear(out_dim, out_dim, ("embed", None))
     self.num_prototypes = num_prototypes
@@ -80,7 +80,7 @@ class PrototypeExtractor(nnx.Module):
     sim = sim * onehot
     proto = (sim @ feature + centers_feature) / (onehot.sum(-1, keepdims=True) + 1.0)  # [B, N, D]
     out = x + sim.swapaxes(1, 2) @ proto
-    out = self.mlp_out(L.quick_gelu(self.mlp_in(out)))
+    out = self.mlp_out(quick_gelu(self.mlp_in(out)))
     return out, {"assignments": assignments}
 
 
@@ -89,9 +89,9 @@ class MLPProjector(nnx.Module):
 
   def __init__(self, in_dim: int, out_dim: int, *, depth: int, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.linear_1 = L.Linear(in_dim, out_dim, axes=("vision_embed", "embed"), use_bias=True,
+    self.linear_1 = Linear(in_dim, out_dim, axes=("vision_embed", "embed"), use_bias=True,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.linear_2 = (L.Linear(out_dim, out_dim, axes=("embed", None), use_bias=True, dtype=dtype,
+    self.linear_2 = (Linear(out_dim, out_dim, axes=("embed", None), use_bias=True, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs) if depth == 2 else None)
 
   def __call__(self, x: jax.Array):

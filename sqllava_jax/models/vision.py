@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sqllava_jax.config import LoRAConfig, VisionConfig
-from sqllava_jax.models import layers as L
 from sqllava_jax.models.attention import attention
 from sqllava_jax.models.key_map import (
   KeySpec,
@@ -22,6 +21,14 @@ from sqllava_jax.models.key_map import (
   conv_to_ours,
   linear_key_map,
   norm_key_map,
+)
+from sqllava_jax.models.layers import (
+  ACTIVATIONS,
+  LayerNorm,
+  make_layer_stack,
+  param,
+  scan_layers,
+  shard_activation,
 )
 from sqllava_jax.models.lora import fold_rng, linear_factory
 
@@ -53,16 +60,16 @@ class VisionLayer(nnx.Module):
                           lora_targets=lora.targets, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
     d, eps = cfg.hidden_size, cfg.layer_norm_eps
-    self.layer_norm1 = L.LayerNorm(d, eps=eps, axis_name="vision_embed", param_dtype=param_dtype)
+    self.layer_norm1 = LayerNorm(d, eps=eps, axis_name="vision_embed", param_dtype=param_dtype)
     self.self_attn = VisionAttention(d, cfg.num_heads, make_linear=make, impl=impl)
-    self.layer_norm2 = L.LayerNorm(d, eps=eps, axis_name="vision_embed", param_dtype=param_dtype)
+    self.layer_norm2 = LayerNorm(d, eps=eps, axis_name="vision_embed", param_dtype=param_dtype)
     self.fc1 = make("fc1", d, cfg.intermediate_size, ("vision_embed", "vision_mlp"), True)
     self.fc2 = make("fc2", cfg.intermediate_size, d, ("vision_mlp", "vision_embed"), True)
     self.act = cfg.hidden_act
 
   def __call__(self, x: jax.Array, rng: Optional[jax.Array]) -> jax.Array:
     x = x + self.self_attn(self.layer_norm1(x), fold_rng(rng, 0))
-    h = L.ACTIVATIONS[self.act](self.fc1(self.layer_norm2(x), fold_rng(rng, 1)))
+    h = ACTIVATIONS[self.act](self.fc1(self.layer_norm2(x), fold_rng(rng, 1)))
     return x + self.fc2(h, fold_rng(rng, 2))
 
 
@@ -77,20 +84,20 @@ class VisionTower(nnx.Module):
     self.remat_policy = remat_policy
     d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
     init = jax.nn.initializers.normal(stddev=0.02)
-    self.patch_embedding = L.param(init(rngs.params(), (p, p, c, d), param_dtype),
+    self.patch_embedding = param(init(rngs.params(), (p, p, c, d), param_dtype),
                                    (None, None, "channels", "vision_embed"))
-    self.class_embedding = L.param(init(rngs.params(), (d,), param_dtype), ("vision_embed",))
+    self.class_embedding = param(init(rngs.params(), (d,), param_dtype), ("vision_embed",))
     position_init = jax.nn.initializers.normal(stddev=cfg.init_position_std)
-    self.position_embedding = L.param(position_init(rngs.params(), (cfg.num_patches + 1, d),
+    self.position_embedding = param(position_init(rngs.params(), (cfg.num_patches + 1, d),
                                                     param_dtype),
                                       (None, "vision_embed"))
-    self.pre_layrnorm = L.LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="vision_embed",
+    self.pre_layrnorm = LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="vision_embed",
                                     param_dtype=param_dtype)
-    self.layers = L.make_layer_stack(
+    self.layers = make_layer_stack(
         lambda r: VisionLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype,
                               impl=attention_impl, rngs=r), cfg.num_layers, rngs)
     # Kept for checkpoint round trips; LLaVA's features never pass through it.
-    self.post_layernorm = L.LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="vision_embed",
+    self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="vision_embed",
                                       param_dtype=param_dtype)
 
   def embed(self, pixel_values: jax.Array) -> jax.Array:
@@ -114,7 +121,7 @@ class VisionTower(nnx.Module):
     """Returns (features, aux). features: [B, P, D] patch tokens of the selected layer
     ([B, 1 + P, D] with `select_feature: cls_patch`). aux['hidden_states'] (if asked):
     [num_run + 1, B, 1 + P, D], the embeddings then each run layer's output, as HF's tuple."""
-    x = L.shard_activation(self.pre_layrnorm(self.embed(pixel_values)),
+    x = shard_activation(self.pre_layrnorm(self.embed(pixel_values)),
                            ("batch", None, "vision_embed"))
     n = self.cfg.feature_layer_count
     rngs = None if rng is None else jax.random.split(rng, n)
@@ -123,7 +130,7 @@ class VisionTower(nnx.Module):
       h = layer(h, layer_rng)
       return h, (h if all_hidden_states else None)
 
-    x_sel, per_layer = L.scan_layers(self.layers, body, x, rngs, num_layers=n,
+    x_sel, per_layer = scan_layers(self.layers, body, x, rngs, num_layers=n,
                                      remat_policy=self.remat_policy)
     aux = {}
     if all_hidden_states:

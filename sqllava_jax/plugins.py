@@ -14,9 +14,12 @@ registry imports it the first time a config or a command asks for that name:
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Mapping, Optional, TypeVar
 
 SOURCES = "sqllava_jax.sources"
 TASKS = "sqllava_jax.tasks"
+
+V = TypeVar("V")
 
 
 def load(group: str, name: str) -> bool:
@@ -27,3 +30,11 @@ def load(group: str, name: str) -> bool:
     entry.load()
     found = True
   return found
+
+
+def lookup(registry: Mapping[str, V], group: str, name: str) -> Optional[V]:
+  """`registry[name]`, first importing what entry-point `group` lists for `name` when it is
+  not registered yet; None when nothing registers it."""
+  if name not in registry:
+    load(group, name)
+  return registry.get(name)

@@ -57,18 +57,15 @@ def register_source(name: str, build: Callable[[Any, str, int], Any], *,
 
 
 def source_kind(name: str) -> SourceKind:
-  if name not in SOURCES:
-    plugins.load(plugins.SOURCES, name)
-  if name not in SOURCES:
+  kind = plugins.lookup(SOURCES, plugins.SOURCES, name)
+  if kind is None:
     raise ValueError(f"unknown data.source {name!r}; choose one of {', '.join(SOURCES)}")
-  return SOURCES[name]
+  return kind
 
 
 def check_data_config(data) -> None:
   """The checks the named source adds to a `DataConfig` (none for an unregistered name)."""
-  if data.source not in SOURCES:
-    plugins.load(plugins.SOURCES, data.source)
-  kind = SOURCES.get(data.source)
+  kind = plugins.lookup(SOURCES, plugins.SOURCES, data.source)
   if kind is not None and kind.check is not None:
     kind.check(data)
 

@@ -64,11 +64,10 @@ def register_task(name: str, scorer: Scorer, *,
 
 
 def get_task(name: str) -> Task:
-  if name not in TASKS:
-    plugins.load(plugins.TASKS, name)
-  if name not in TASKS:
+  task = plugins.lookup(TASKS, plugins.TASKS, name)
+  if task is None:
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-  return TASKS[name]
+  return task
 
 
 def load_annotations(task: str, path: str | os.PathLike) -> Any:

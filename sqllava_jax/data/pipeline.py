@@ -171,10 +171,8 @@ def take_absl_flags_as_parsed() -> None:
 def make_source(data, *, split: Optional[str] = None, image_size: int = 336):
   """The record source a `DataConfig` names (`sources.SOURCES`), for `split` (default
   `data.split`); image_size is the vision tower's (the synthetic set renders at it)."""
-  kind = sources.source_kind(data.source)
-  if kind.check is not None:
-    kind.check(data)
-  return kind.build(data, split or data.split, image_size)
+  # The source's own checks ran when the `DataConfig` was built (`check_data_config`).
+  return sources.source_kind(data.source).build(data, split or data.split, image_size)
 
 
 def tokenizer_path(data) -> str:

@@ -35,7 +35,7 @@ class SourceKind:
     the vision tower's.
   tokenizer(data): the tokenizer path when `data.tokenizer` is unset (None: it must be set).
   check(data): this source's checks of a `DataConfig` (raising `ConfigError`), run when
-    the config is made and again when the source is built.
+    the config is made (`check_data_config`).
   """
   build: Callable[[Any, str, int], Any]
   tokenizer: Optional[Callable[[Any], str]] = None

@@ -94,15 +94,33 @@ def write_slots(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
   return shard_activation(out, STACKED_CACHE_AXES)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """x: [B, T, N, H]; positions: int[B, T]. Rotate-half rotary embedding (transformers' form)."""
-  h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-  x1, x2 = x[..., : h // 2], x[..., h // 2:]
-  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+class Rotary(NamedTuple):
+  """The rotary angles' cos and sin at each position, [B, T, H] each (rotate-half layout, as
+  transformers): looked up once per forward and shared by every layer, as transformers'
+  `rotary_emb` computes them once."""
+  cos: jax.Array
+  sin: jax.Array
+
+  @classmethod
+  def at(cls, positions: jax.Array, head_dim: int, theta: float, dtype, *,
+         max_position: int) -> "Rotary":
+    """positions int[B, T], each below `max_position` -> the table rows at them.
+
+    The angles of every position below `max_position` are computed once (float32, as
+    transformers: position times inverse frequency) and gathered: cos and sin taken of the
+    [B, T, H] angles directly get fused by XLA into each consumer, which on a CPU recomputed
+    them for every head of every layer (the largest cost of a prefill after the matmuls)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = jnp.arange(max_position, dtype=jnp.float32)[:, None] * inv_freq  # [P, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return cls(jnp.cos(angles).astype(dtype)[positions], jnp.sin(angles).astype(dtype)[positions])
+
+  def apply(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, N, H] -> x rotated by its position."""
+    h = x.shape[-1]
+    cos, sin = self.cos[:, :, None, :], self.sin[:, :, None, :]
+    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
 def cache_mask(valid: jax.Array, index: jax.Array, t: int) -> jax.Array:
@@ -117,7 +135,6 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, make_linear, impl: str, block_size: int):
     self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
     self.head_dim = cfg.effective_head_dim
-    self.theta = cfg.rope_theta
     self.impl, self.block_size = impl, block_size
     d, nh, nk = cfg.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
     self.q_proj = make_linear("q_proj", d, nh, ("embed", "heads"))
@@ -125,16 +142,16 @@ class Attention(nnx.Module):
     self.v_proj = make_linear("v_proj", d, nk, ("embed", "kv_heads"))
     self.o_proj = make_linear("o_proj", nh, d, ("heads", "embed"))
 
-  def __call__(self, x, positions, masking, cache_kv, rng):
-    """x: [B, T, D]; positions: int[B, T]; masking: segment ids int[B, T] or None without a
-    cache or with a fresh one, the cache mask [B, 1, T, S] with any other; cache_kv: None or
-    a `LayerCache`. Returns (out [B, T, D], the updated (k, v) or None)."""
+  def __call__(self, x, rope: Rotary, masking, cache_kv, rng):
+    """x: [B, T, D]; rope: the positions' rotary table; masking: segment ids int[B, T] or
+    None without a cache or with a fresh one, the cache mask [B, 1, T, S] with any other;
+    cache_kv: None or a `LayerCache`. Returns (out [B, T, D], the updated (k, v) or None)."""
     b, t, _ = x.shape
     q = self.q_proj(x, fold_rng(rng, 0)).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x, fold_rng(rng, 1)).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x, fold_rng(rng, 2)).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q = checkpoint_name(rotary(q, positions, self.theta), "query")
-    k = checkpoint_name(rotary(k, positions, self.theta), "key")
+    q = checkpoint_name(rope.apply(q), "query")
+    k = checkpoint_name(rope.apply(k), "key")
     v = checkpoint_name(v, "value")
     new_kv = None
     if cache_kv is None or cache_kv.fresh:
@@ -178,8 +195,8 @@ class DecoderLayer(nnx.Module):
                                               param_dtype=param_dtype)
     self.mlp = MLP(cfg, make_linear=make)
 
-  def __call__(self, x, positions, masking, cache_kv, rng):
-    h, new_kv = self.self_attn(self.input_layernorm(x), positions, masking, cache_kv,
+  def __call__(self, x, rope: Rotary, masking, cache_kv, rng):
+    h, new_kv = self.self_attn(self.input_layernorm(x), rope, masking, cache_kv,
                                fold_rng(rng, 0))
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x), fold_rng(rng, 1))
@@ -238,12 +255,18 @@ class Llama(nnx.Module):
     once more and read them twice. Separate arrays are read once, in place.
     """
     x = shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
+    # Positions stay below the cache length (with a cache) or the sequence length (packed
+    # examples restart at 0); the model's own limit covers callers' explicit positions.
+    limit = max(self.cfg.max_position_embeddings,
+                x.shape[1] if cache is None else cache.valid.shape[1])
+    rope = Rotary.at(positions, self.cfg.effective_head_dim, self.cfg.rope_theta, self.dtype,
+                     max_position=limit)
     n = self.cfg.num_layers
     rngs = None if rng is None else jax.random.split(rng, n)
     if cache is None:
 
       def body(layer, h, layer_rng):
-        h, _ = layer(h, positions, segment_ids, None, layer_rng)
+        h, _ = layer(h, rope, segment_ids, None, layer_rng)
         return h, None
 
       x, _ = scan_layers(self.layers, body, x, rngs, remat_policy=self.remat_policy)
@@ -261,7 +284,7 @@ class Llama(nnx.Module):
                        "layers=model.unstacked_layers() and KVCache.init(per_layer=True), "
                        "or neither")
     if layers is not None:
-      x, k, v = _run_unstacked(layers, x, positions, mask, cache, rngs, fresh_cache)
+      x, k, v = _run_unstacked(layers, x, rope, mask, cache, rngs, fresh_cache)
       return self.norm(x), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 
     def body_cached(layer, carry, inputs):
@@ -269,7 +292,7 @@ class Llama(nnx.Module):
       # scanned inputs and outputs it would be held twice and copied whole at every step.
       h, ck, cv = carry
       layer_rng, i = inputs
-      h, (ck, cv) = layer(h, positions, mask, LayerCache(ck, cv, i, cache.index, fresh_cache),
+      h, (ck, cv) = layer(h, rope, mask, LayerCache(ck, cv, i, cache.index, fresh_cache),
                           layer_rng)
       return (h, ck, cv), None
 
@@ -292,7 +315,7 @@ class Llama(nnx.Module):
     return self.logits(hidden), cache
 
 
-def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs, fresh: bool):
+def _run_unstacked(layers, x, rope: Rotary, mask, cache: KVCache, rngs, fresh: bool):
   """The decoder layers in turn, each with its own cache arrays [B, K, S, H] (updated in
   place)."""
   if len(cache.k) != len(layers):
@@ -302,7 +325,7 @@ def _run_unstacked(layers, x, positions, mask, cache: KVCache, rngs, fresh: bool
   for i, layer in enumerate(layers):
     layer_rng = None if rngs is None else rngs[i]
     slot = LayerCache(cache.k[i], cache.v[i], None, cache.index, fresh)
-    x, (k, v) = layer(x, positions, mask, slot, layer_rng)
+    x, (k, v) = layer(x, rope, mask, slot, layer_rng)
     ks.append(k)
     vs.append(v)
   return x, tuple(ks), tuple(vs)

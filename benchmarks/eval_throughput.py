@@ -146,7 +146,7 @@ def main() -> None:
     ours = stack.enter_context(ab.Side("sqllava-jax eval", OursWorker, files, args))
     ref = stack.enter_context(ab.Side("reference loop", ReferenceWorker, files, args))
     print(f"{ours.info['header']}; {ref.info['header']}")
-    ours.call("run", args.batch), ref.call("run", 2)  # warm-up: compile, first calls
+    ours.call("run", args.questions), ref.call("run", 2)  # warm-up: every shape compiled
     rates, answers = {}, {}
     for side in (ours, ref):
       seconds, texts = side.call("run", args.questions)

@@ -121,10 +121,21 @@ def test_compiles_once_per_shape(pair, prompts):
     assert traces.count == 1
 
 
-@pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 32), (100, 128), (128, 128),
-                                         (129, 256), (600, 640)])
+@pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 32), (100, 112), (107, 112),
+                                         (128, 128), (129, 144), (257, 288), (600, 640),
+                                         (650, 704), (2048, 2048), (2049, 2304)])
 def test_bucket_length(n, expected):
   assert G.bucket_length(n) == expected
+
+
+def test_bucket_length_bounds_padding_and_programs():
+  """Padding adds at most an eighth above 128 tokens, and an octave holds at most 8 buckets."""
+  lengths = {n: G.bucket_length(n) for n in range(1, 4097)}
+  assert all(n <= b for n, b in lengths.items())
+  assert all(b - n < max(16, n / 8) for n, b in lengths.items())
+  for k in range(4, 12):
+    octave = {b for n, b in lengths.items() if 2 ** k < n <= 2 ** (k + 1)}
+    assert len(octave) <= 8, (k, sorted(octave))
 
 
 def test_left_pad_and_errors():

@@ -4,8 +4,9 @@
     out = gen.generate([ids_a, ids_b], pixel_values, max_new_tokens=64, sampling=GREEDY, seed=0)
     out.new_tokens(0)  # the ids generated for prompt 0, up to and including `</s>`
 
-Prompts of different lengths are left-padded to a bucket length (powers of two up to 128,
-then multiples of 128), so one compiled program serves every request of the same
+Prompts of different lengths are left-padded to a bucket length (`bucket_length`: at most
+an eighth more than the prompt, in steps of 16 or more), so one compiled program serves every
+request of the same
 (batch, bucket, max_new_tokens, greedy-or-sampling) shape; temperature, top-k and top-p are
 traced values. A row stops at `eos_id` (later slots hold `pad_id`); the loop stops when
 every row has stopped or after `max_new_tokens`. Prefill and the loop run in one program,
@@ -33,14 +34,20 @@ from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
 __all__ = ["Generated", "Generator", "bucket_length", "left_pad", "pad_rows"]
 
 
-def bucket_length(n: int, *, min_length: int = 16, step: int = 128) -> int:
-  """The padded prompt length for a prompt of `n` tokens: the next power of two (at least
-  `min_length`) up to `step`, then the next multiple of `step`."""
+def bucket_length(n: int, *, min_length: int = 16, per_octave: int = 8,
+                  multiple: int = 16) -> int:
+  """The padded prompt length for a prompt of `n` tokens: `min_length`, or else the next
+  multiple of `max(multiple, 2**k / per_octave)`, where 2**k is the largest power of two
+  below `n`. Each octave (2**k, 2**(k+1)] then holds at most `per_octave` buckets, each one
+  a compiled program, and padding adds at most 1/per_octave of the prompt's length (once
+  prompts are longer than `multiple * per_octave`), a waste the prefill's matmuls pay in
+  full (for 576 image tokens and a question: 640, 704 or 768)."""
   if n <= 0:
     raise ValueError(f"a prompt needs at least one token (got {n}); add BOS")
-  if n > step:
-    return -(-n // step) * step
-  return max(min_length, 1 << (n - 1).bit_length())
+  if n <= min_length:
+    return min_length
+  step = max(multiple, (1 << ((n - 1).bit_length() - 1)) // per_octave)
+  return -(-n // step) * step
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int,
@@ -82,12 +89,12 @@ class Generator:
 
   def __init__(self, model: nnx.Module, *, eos_id: int, pad_id: int,
                mesh: Optional[jax.sharding.Mesh] = None, rules=None, min_bucket: int = 16,
-               bucket_step: int = 128, unstack_layers: Optional[bool] = None):
+               buckets_per_octave: int = 8, unstack_layers: Optional[bool] = None):
     self.program = InferenceProgram(model, mesh, rules, unstack_layers=unstack_layers)
     self.state, self.layer_states = self.program.place(model)
     self.eos_id, self.pad_id = eos_id, pad_id
     self.cfg = model.cfg if isinstance(model, SQLLaVA) else None
-    self.min_bucket, self.bucket_step = min_bucket, bucket_step
+    self.min_bucket, self.buckets_per_octave = min_bucket, buckets_per_octave
     self.mesh = mesh
 
   def _check_ids(self, prompts, pixel_values) -> Optional[np.ndarray]:
@@ -117,7 +124,7 @@ class Generator:
     pixels = self._check_ids(prompts, pixel_values)
     longest = max(len(p) for p in prompts)
     length = prompt_length or bucket_length(longest, min_length=self.min_bucket,
-                                            step=self.bucket_step)
+                                            per_octave=self.buckets_per_octave)
     if self.mesh is not None:  # every process must run the same program
       length = data_parallel.agree_max(length)
     ids, mask = left_pad(prompts, length, self.pad_id)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from sqllava_jax.convert.hf import llama_from_hf
-from sqllava_jax.models.llama import KVCache
+from sqllava_jax.models.llama import KVCache, Rotary
 from tests.hf_fixtures import save_llama, tiny_llama_config, to_np
 
 SEQ = 200  # long enough for rotary mistakes to show
@@ -119,3 +120,18 @@ def test_bin_checkpoint_loads_the_same(tmp_path):
     ref = to_np(hf(torch.from_numpy(ids)).logits)
   got, _ = ours(jnp.asarray(ids, jnp.int32))
   np.testing.assert_allclose(np.asarray(got), ref, atol=ATOL, rtol=0)
+
+
+def test_rotary_table_matches_transformers_at_any_position():
+  """The looked-up cos/sin equal transformers' LlamaRotaryEmbedding at scattered positions
+  (left-padded starts, a decode position near the cache end, one past the model's limit)."""
+  config = tiny_llama_config()
+  head_dim = config.hidden_size // config.num_attention_heads
+  limit = config.max_position_embeddings
+  positions = np.array([[0, 0, 0, 1, 2, 3], [5, 17, 199, limit - 1, limit, limit + 7]])
+  ref_cos, ref_sin = LlamaRotaryEmbedding(config)(torch.zeros(1), torch.from_numpy(positions))
+  theta = config.rope_parameters["rope_theta"]
+  got = Rotary.at(jnp.asarray(positions, jnp.int32), head_dim, theta, jnp.float32,
+                  max_position=limit + 8)
+  np.testing.assert_allclose(np.asarray(got.cos), to_np(ref_cos), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got.sin), to_np(ref_sin), atol=1e-6)

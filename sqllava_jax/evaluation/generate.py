@@ -4,13 +4,12 @@
     out = gen.generate([ids_a, ids_b], pixel_values, max_new_tokens=64, sampling=GREEDY, seed=0)
     out.new_tokens(0)  # the ids generated for prompt 0, up to and including `</s>`
 
-Prompts of different lengths are left-padded to a bucket length (`bucket_length`: at most
-an eighth more than the prompt, in steps of 16 or more), so one compiled program serves every
-request of the same
-(batch, bucket, max_new_tokens, greedy-or-sampling) shape; temperature, top-k and top-p are
-traced values. A row stops at `eos_id` (later slots hold `pad_id`); the loop stops when
-every row has stopped or after `max_new_tokens`. Prefill and the loop run in one program,
-so a request is one device call.
+Prompts of different lengths are left-padded to a bucket length (`bucket_length`: steps of
+16 up to 256, then at most an eighth more than the prompt), so one compiled program serves
+every request of the same (batch, bucket, max_new_tokens, greedy-or-sampling) shape;
+temperature, top-k and top-p are traced values. A row stops at `eos_id` (later slots hold
+`pad_id`); the loop stops when every row has stopped or after `max_new_tokens`. Prefill and
+the loop run in one program, so a request is one device call.
 
 `model` is a composite `SQLLaVA` (image placeholders in the ids are filled with image
 features from `pixel_values`) or a bare `Llama` (text only). The device side (shardings and

@@ -25,12 +25,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sqllava_jax.evaluation import data_parallel
-from sqllava_jax.evaluation.inference_program import InferenceProgram
+from sqllava_jax.evaluation import data_parallel, prompt_heads
+from sqllava_jax.evaluation.inference_program import InferenceProgram, SharedHeads
 from sqllava_jax.evaluation.sampling import GREEDY, Sampling
 from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
 
 __all__ = ["Generated", "Generator", "bucket_length", "left_pad", "pad_rows"]
+
+# The tails after a shared head are often a single token (`ask` samples n questions from one
+# prompt): their own, smaller shortest bucket.
+TAIL_MIN_BUCKET = 4
 
 
 def bucket_length(n: int, *, min_length: int = 16, per_octave: int = 8,
@@ -84,17 +88,22 @@ class Generator:
   `unstack_layers`: keep an unstacked copy of the decoder layers for decoding (None: on CPU
   devices only, where it makes decoding about twice as fast for the layers' memory once
   more; see `inference_program`).
+
+  `share_heads`: rows that begin alike on the same image (`prompt_heads`) prefill their
+  common head, vision tower included, once per batch, and each row only the rest.
   """
 
   def __init__(self, model: nnx.Module, *, eos_id: int, pad_id: int,
                mesh: Optional[jax.sharding.Mesh] = None, rules=None, min_bucket: int = 16,
-               buckets_per_octave: int = 8, unstack_layers: Optional[bool] = None):
+               buckets_per_octave: int = 8, unstack_layers: Optional[bool] = None,
+               share_heads: bool = True):
     self.program = InferenceProgram(model, mesh, rules, unstack_layers=unstack_layers)
     self.state, self.layer_states = self.program.place(model)
     self.eos_id, self.pad_id = eos_id, pad_id
     self.cfg = model.cfg if isinstance(model, SQLLaVA) else None
     self.min_bucket, self.buckets_per_octave = min_bucket, buckets_per_octave
     self.mesh = mesh
+    self.share_heads = share_heads
 
   def _check_ids(self, prompts, pixel_values) -> Optional[np.ndarray]:
     if self.cfg is None:
@@ -121,22 +130,58 @@ class Generator:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     pixels = self._check_ids(prompts, pixel_values)
-    longest = max(len(p) for p in prompts)
-    length = prompt_length or bucket_length(longest, min_length=self.min_bucket,
-                                            per_octave=self.buckets_per_octave)
-    if self.mesh is not None:  # every process must run the same program
-      length = data_parallel.agree_max(length)
-    ids, mask = left_pad(prompts, length, self.pad_id)
-    inputs = pad_rows((ids, pixels, mask), self.program.rows_multiple())
-    ids, pixels, mask = self.program.global_batch(inputs)
+    plan = None
+    if self.share_heads and prompt_length is None:
+      image_token = self.cfg.image_token_id if self.cfg is not None else None
+      plan = prompt_heads.plan_heads(prompts, pixels, image_token_id=image_token)
+      if self.mesh is not None and data_parallel.agree_max(int(plan is None)):
+        plan = None  # every process must run the same program
+    if plan is None:
+      length = (self._agree(prompt_length) if prompt_length
+                else self._bucket(max(len(p) for p in prompts)))
+      ids, mask = left_pad(prompts, length, self.pad_id)
+      inputs, heads = (ids, pixels, mask), None
+    else:
+      inputs, heads = self._with_heads(plan, pixels)
+    ids, pixels, mask = self.program.global_batch(
+        pad_rows(inputs, self.program.rows_multiple()))
     tokens, num_new = self.program.generate(
         self.state, self.layer_states, ids, pixels, mask, jax.random.key(seed), sampling.arrays(),
-        max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=self.eos_id,
+        heads, max_new_tokens=max_new_tokens, greedy=sampling.greedy, eos_id=self.eos_id,
         pad_id=self.pad_id)
     if self.mesh is not None:
       tokens, num_new = data_parallel.local_rows(tokens), data_parallel.local_rows(num_new)
     rows = len(prompts)
     return Generated(np.asarray(tokens)[:rows], np.asarray(num_new)[:rows])
+
+  def _agree(self, value: int) -> int:
+    """The largest `value` of all processes: every process must run the same program."""
+    return value if self.mesh is None else data_parallel.agree_max(value)
+
+  def _bucket(self, n: int, min_length: Optional[int] = None) -> int:
+    return self._agree(bucket_length(n, min_length=min_length or self.min_bucket,
+                                     per_octave=self.buckets_per_octave))
+
+  def _with_heads(self, plan: prompt_heads.PromptHeads, pixels: Optional[np.ndarray]):
+    """((tail ids, None, tail mask), SharedHeads) for `plan`: the heads padded to a power of
+    two rows (few program shapes), and the same count on every process."""
+    count = len(plan.heads)
+    multiple = self.program.rows_multiple()
+    rows = -(-min(1 << (count - 1).bit_length(), len(plan.tails)) // multiple) * multiple
+    rows = self._agree(rows)
+    head_ids, head_mask = left_pad(plan.heads, self._bucket(max(map(len, plan.heads))),
+                                   self.pad_id)
+    head_pixels = None if pixels is None else pixels[plan.source]
+    head_ids, head_pixels, head_mask = self.program.global_batch(
+        pad_rows((head_ids, head_pixels, head_mask), rows))
+    # A row's head is its index among this process's heads, then among all (global) heads.
+    first = self.program.first_global_row(rows)
+    tail_ids, tail_mask = left_pad(plan.tails, self._bucket(max(map(len, plan.tails)),
+                                                            TAIL_MIN_BUCKET), self.pad_id)
+    head_of = np.asarray(plan.head_of, np.int32) + first
+    head_of, = self.program.global_batch(pad_rows((head_of,), multiple))
+    heads = SharedHeads(head_ids, head_pixels, head_mask, head_of)
+    return (tail_ids, None, tail_mask), heads
 
 
 def pad_rows(arrays: Sequence[Optional[np.ndarray]], multiple: int) -> tuple:

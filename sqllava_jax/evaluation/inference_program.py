@@ -21,7 +21,7 @@ only cost memory: the default is on for CPU devices and off everywhere else.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,16 +62,48 @@ def _embed(model: nnx.Module, ids, pixels):
 
 # --- the device program -----------------------------------------------------------------------
 
+class SharedHeads(NamedTuple):
+  """Prompt heads that several rows continue, each computed once: ids int32[U, P] and mask
+  bool[U, P] (left-padded), pixels float32[U, H, W, 3] or None (the images sit in the heads);
+  rows int32[B], the head each row of the batch continues."""
+  ids: jax.Array
+  pixels: Optional[jax.Array]
+  mask: jax.Array
+  rows: jax.Array
+
+
+def _positions(mask, start=0):
+  """Each real token's position, counted from `start` (int[B, 1] or 0) over `mask` [B, T]."""
+  return jnp.maximum(start + jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
 def _prefill(llm: Llama, layers, embeds, mask, max_new_tokens: int):
   """embeds [B, T, D], mask bool[B, T] -> (last-position logits [B, V], cache, lengths int[B])."""
   b, t, _ = embeds.shape
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   cache = KVCache.init(llm.cfg, b, t + max_new_tokens, dtype=llm.dtype,
                        per_layer=layers is not None)
-  hidden, filled = llm.decode(embeds, positions, cache=cache, token_valid=mask, layers=layers,
-                              fresh_cache=True)
+  hidden, filled = llm.decode(embeds, _positions(mask), cache=cache, token_valid=mask,
+                              layers=layers, fresh_cache=True)
   # Prompts are left-padded, so the last position is real in every row.
   return llm.logits(hidden[:, -1:])[:, 0], filled, mask.sum(axis=1).astype(jnp.int32)
+
+
+def _prefill_shared(model: nnx.Module, layers, heads: SharedHeads, ids, mask,
+                    max_new_tokens: int):
+  """The heads' prefill (U rows), their cache rows copied to the B rows that continue them,
+  then each row's tail `ids` [B, S] (mask bool[B, S], left-padded) over it. The cache of a row
+  holds its head's slots, padding, its tail's slots: the valid mask hides the padding."""
+  llm = llm_of(model)
+  u, p = heads.ids.shape
+  head_cache = KVCache.init(llm.cfg, u, p, dtype=llm.dtype, per_layer=layers is not None)
+  _, head_cache = llm.decode(_embed(model, heads.ids, heads.pixels), _positions(heads.mask),
+                             cache=head_cache, token_valid=heads.mask, layers=layers,
+                             fresh_cache=True)
+  cache = head_cache.take_rows(heads.rows, p + ids.shape[1] + max_new_tokens)
+  start = heads.mask.sum(axis=1).astype(jnp.int32)[heads.rows]
+  hidden, cache = llm.decode(llm.embed(ids), _positions(mask, start[:, None]), cache=cache,
+                             token_valid=mask, layers=layers)
+  return llm.logits(hidden[:, -1:])[:, 0], cache, start + mask.sum(axis=1).astype(jnp.int32)
 
 
 def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
@@ -106,25 +138,29 @@ def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
   return out, num_new
 
 
-def _generate(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, params, *,
-              max_new_tokens: int, greedy: bool, eos_id: jax.Array, pad_id: jax.Array,
-              layout: Optional[tuple[Mesh, Rules]]):
+def _generate(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, params,
+              heads=None, *, max_new_tokens: int, greedy: bool, eos_id: jax.Array,
+              pad_id: jax.Array, layout: Optional[tuple[Mesh, Rules]]):
   if layout is None:
     return _generate_body(graphdef, state, layer_def, layer_states, ids, pixels, mask, key,
-                          params, max_new_tokens, greedy, eos_id, pad_id)
+                          params, heads, max_new_tokens, greedy, eos_id, pad_id)
   with axis_rules(*layout):
     tokens, num_new = _generate_body(graphdef, state, layer_def, layer_states, ids, pixels,
-                                     mask, key, params, max_new_tokens, greedy, eos_id, pad_id)
+                                     mask, key, params, heads, max_new_tokens, greedy, eos_id,
+                                     pad_id)
     return constrain(tokens, ("batch", None)), constrain(num_new, ("batch",))
 
 
 def _generate_body(graphdef, state, layer_def, layer_states, ids, pixels, mask, key, params,
-                   max_new_tokens, greedy, eos_id, pad_id):
+                   heads, max_new_tokens, greedy, eos_id, pad_id):
   model = nnx.merge(graphdef, state)
   llm = llm_of(model)
   layers = None if layer_states is None else [nnx.merge(layer_def, s) for s in layer_states]
-  logits, cache, lengths = _prefill(llm, layers, _embed(model, ids, pixels), mask,
-                                    max_new_tokens)
+  if heads is None:
+    logits, cache, lengths = _prefill(llm, layers, _embed(model, ids, pixels), mask,
+                                      max_new_tokens)
+  else:  # `ids` are the tails of `heads`, which carry the images
+    logits, cache, lengths = _prefill_shared(model, layers, heads, ids, mask, max_new_tokens)
   first = next_token(logits, jax.random.fold_in(key, 0), params, greedy=greedy)
   return _decode_loop(llm, layers, cache, first, lengths, key, params,
                       max_new_tokens=max_new_tokens, greedy=greedy, eos_id=eos_id, pad_id=pad_id)
@@ -207,6 +243,14 @@ class InferenceProgram:
     ways = self.batch_ways()
     return ways // math.gcd(ways, jax.process_count())
 
+  def first_global_row(self, local_rows: int) -> int:
+    """Where this process's rows start in a global batch of `local_rows` rows per process."""
+    if self.mesh is None or jax.process_count() == 1:
+      return 0
+    total = local_rows * jax.process_count()
+    index = self.batch_sharding(1).devices_indices_map((total,))
+    return min(index[d][0].start or 0 for d in self.mesh.local_devices)
+
   def global_batch(self, arrays) -> tuple:
     """This process's rows of each array (None passes through) -> global arrays split over
     the batch axes (as they are without a mesh)."""
@@ -228,12 +272,15 @@ class InferenceProgram:
     return tuple(out)
 
   # ---- the program ------------------------------------------------------------------------
-  def generate(self, state, layer_states, ids, pixels, mask, key, params, *,
-               max_new_tokens: int, greedy: bool, eos_id: int, pad_id: int):
+  def generate(self, state, layer_states, ids, pixels, mask, key, params,
+               heads: Optional[SharedHeads] = None, *, max_new_tokens: int, greedy: bool,
+               eos_id: int, pad_id: int):
     """ids int32[B, T], mask bool[B, T] (left-padded), pixels float32[B, H, W, 3] or None;
-    params: `Sampling.arrays()`. Returns (tokens int32[B, N], num_new int32[B]), global."""
+    params: `Sampling.arrays()`. With `heads`, `ids` are the rest of each row's prompt after
+    its head and `pixels` is None (the heads carry the images). Returns (tokens int32[B, N],
+    num_new int32[B]), global."""
     return self._jit(self.graphdef, state, self.layer_def, layer_states, ids, pixels, mask,
-                     key, params, max_new_tokens=max_new_tokens, greedy=greedy,
+                     key, params, heads, max_new_tokens=max_new_tokens, greedy=greedy,
                      eos_id=jnp.int32(eos_id), pad_id=jnp.int32(pad_id), layout=self.layout)
 
   def abstract_inputs(self, batch: int, prompt_len: int, image_size: Optional[int]) -> tuple:

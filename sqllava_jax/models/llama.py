@@ -70,6 +70,27 @@ class KVCache:
   def per_layer(self) -> bool:
     return isinstance(self.k, tuple)
 
+  def take_rows(self, rows: jax.Array, max_len: int) -> "KVCache":
+    """The cache whose row i is this cache's row `rows[i]`, grown (with empty slots) to
+    `max_len` slots: several continuations of one prompt head read its keys and values
+    without computing them again. rows: int[B']."""
+    grow = max_len - self.valid.shape[1]
+    if grow < 0:
+      raise ValueError(f"cannot shrink a cache of {self.valid.shape[1]} slots to {max_len}")
+
+    def take(a: jax.Array, axes: tuple) -> jax.Array:
+      a = jnp.take(a, rows, axis=axes.index("batch"))
+      widths = [(0, 0)] * a.ndim
+      widths[axes.index("length")] = (0, grow)
+      return shard_activation(jnp.pad(a, widths), axes)
+
+    if self.per_layer:
+      k = tuple(take(a, CACHE_AXES) for a in self.k)
+      v = tuple(take(a, CACHE_AXES) for a in self.v)
+    else:
+      k, v = take(self.k, STACKED_CACHE_AXES), take(self.v, STACKED_CACHE_AXES)
+    return KVCache(k=k, v=v, valid=take(self.valid, ("batch", "length")), index=self.index)
+
 
 class LayerCache(NamedTuple):
   """What one layer gets of the cache: the stacked k, v [L, B, K, S, H] and its own index

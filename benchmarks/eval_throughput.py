@@ -2,6 +2,7 @@
 VQA-style file, on the same weights.
 
     python benchmarks/eval_throughput.py [--questions 24] [--batch 8] [--new 16] [--cores N]
+                                         [--per-image K]
 
 The reference loop is LLaVA's `llava/eval/model_vqa_loader.py`: one question at a time,
 the image loaded and preprocessed, then `generate(do_sample=False, max_new_tokens=N)`; here
@@ -15,6 +16,14 @@ the first pass of each warms up (compiles) and is not timed. Both answer greedil
 answers should agree; the share that does is printed. With `--cores N` (N > 1) ours runs
 on N simulated CPU devices with the model split over a `tensor` mesh axis (see
 `generate.py`: on a quiet machine this buys nothing).
+
+`--per-image K` asks K consecutive questions of each image: question i of the file on its
+(i // K)-th distinct image. The synthetic file itself asks 4 of each (the default: the file
+as it is), as VQA-style benchmarks ask several (POPE 6 of each of its 500 images in each of
+its three splits, MME 2); 1 gives every question an image of its own. Our loop prefills
+the head that a batch's questions on one image share (vision tower, system prompt, image
+tokens) once (`prompt_heads`; off with `--no-share-heads`); the reference encodes the image
+again for every question, as `model_vqa_loader.py` does.
 """
 
 from __future__ import annotations
@@ -44,10 +53,29 @@ def parse_args():
   p.add_argument("--vocab", type=int, default=1000, help="the synthetic tokenizer's size")
   p.add_argument("--cores", type=int, default=1,
                  help="ours on this many simulated CPU devices, the model split over them")
+  p.add_argument("--per-image", type=int, default=4,
+                 help="consecutive questions asked of each image (the synthetic file's 4; "
+                      "POPE: 6, MME: 2, 1: an image each)")
+  p.add_argument("--no-share-heads", dest="share_heads", action="store_false",
+                 help="ours prefills every question whole (no shared image heads)")
   return p.parse_args()
 
 
-def build(root: str, vocab: int) -> dict:
+def regroup(path: str, out: str, per_image: int, limit: int) -> str:
+  """The first `limit` questions of the file, K consecutive ones on each image (see the
+  docstring)."""
+  from sqllava_jax.evaluation.outputs import write_jsonl  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.evaluation.questions import load_questions
+  questions = load_questions(path)[:limit]
+  images = list(dict.fromkeys(q["image"] for q in load_questions(path)))
+  if len(images) * per_image < len(questions):
+    raise SystemExit(f"{len(questions)} questions need {-(-len(questions) // per_image)} "
+                     f"images at {per_image} each; the file has {len(images)}")
+  write_jsonl(out, [dict(q, image=images[i // per_image]) for i, q in enumerate(questions)])
+  return out
+
+
+def build(root: str, vocab: int, per_image: int, limit: int) -> dict:
   """The synthetic set, a random checkpoint of the mid-size model and its llava export."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -66,7 +94,9 @@ def build(root: str, vocab: int) -> dict:
   ckpt = os.path.join(root, "ckpt")
   save_model(ckpt, SQLLaVA(cfg.model, rngs=nnx.Rngs(0)), cfg)
   hf = export_checkpoint(ckpt, os.path.join(root, "llava"), "llava")
-  return {"ckpt": ckpt, "hf": hf, "questions": paths.vqa("eval"), "images": paths.image_folder}
+  questions = paths.vqa("eval")
+  questions = regroup(questions, os.path.join(root, "questions.jsonl"), per_image, limit)
+  return {"ckpt": ckpt, "hf": hf, "questions": questions, "images": paths.image_folder}
 
 
 class OursWorker:
@@ -83,7 +113,8 @@ class OursWorker:
     options = loading.ModelOptions(files["ckpt"],
                                    mesh=f"tensor={args.cores}" if args.cores > 1 else None)
     model, cfg, tokenizer = loading.load(options)
-    self.engine = Engine(model, tokenizer, **loading.engine_options(options, cfg))
+    self.engine = Engine(model, tokenizer, **loading.engine_options(options, cfg),
+                         share_heads=args.share_heads)
     self.questions = load_questions(files["questions"])[:args.questions]
     self.settings = eval_loop.EvalSettings(images_dir=files["images"], batch_size=args.batch,
                                            max_new_tokens=args.new, model_id="bench")
@@ -142,7 +173,7 @@ def main() -> None:
   args = parse_args()
   print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs; each side in its own process")
   with tempfile.TemporaryDirectory() as root, contextlib.ExitStack() as stack:
-    files = build(root, args.vocab)
+    files = build(root, args.vocab, args.per_image, args.questions)
     ours = stack.enter_context(ab.Side("sqllava-jax eval", OursWorker, files, args))
     ref = stack.enter_context(ab.Side("reference loop", ReferenceWorker, files, args))
     print(f"{ours.info['header']}; {ref.info['header']}")
@@ -155,7 +186,8 @@ def main() -> None:
             f"{rates[side.name]:6.2f} questions/s", flush=True)
     same = sum(a == b for a, b in zip(answers["sqllava-jax eval"], answers["reference loop"]))
     print(f"ratio: {rates['sqllava-jax eval'] / rates['reference loop']:.2f}x "
-          f"(batch {args.batch}, {args.new} new tokens); identical answers {same}/"
+          f"(batch {args.batch}, {args.new} new tokens, {args.per_image} question(s) an "
+          f"image); identical answers {same}/"
           f"{len(answers['reference loop'])}")
     print(json.dumps({"questions_per_s": rates, "identical_answers": same}))
   print(f"load average after: {os.getloadavg()}")

@@ -95,15 +95,17 @@ def _prefill_shared(model: nnx.Module, layers, heads: SharedHeads, ids, mask,
   holds its head's slots, padding, its tail's slots: the valid mask hides the padding."""
   llm = llm_of(model)
   u, p = heads.ids.shape
-  head_cache = KVCache.init(llm.cfg, u, p, dtype=llm.dtype, per_layer=layers is not None)
+  empty = KVCache.init(llm.cfg, u, p, dtype=llm.dtype, per_layer=layers is not None)
   _, head_cache = llm.decode(_embed(model, heads.ids, heads.pixels), _positions(heads.mask),
-                             cache=head_cache, token_valid=heads.mask, layers=layers,
+                             cache=empty, token_valid=heads.mask, layers=layers,
                              fresh_cache=True)
-  cache = head_cache.take_rows(heads.rows, p + ids.shape[1] + max_new_tokens)
+  assert head_cache is not None  # decoding with a cache returns it
   start = heads.mask.sum(axis=1).astype(jnp.int32)[heads.rows]
-  hidden, cache = llm.decode(llm.embed(ids), _positions(mask, start[:, None]), cache=cache,
-                             token_valid=mask, layers=layers)
-  return llm.logits(hidden[:, -1:])[:, 0], cache, start + mask.sum(axis=1).astype(jnp.int32)
+  hidden, filled = llm.decode(llm.embed(ids), _positions(mask, start[:, None]),
+                              cache=head_cache.take_rows(heads.rows,
+                                                         p + ids.shape[1] + max_new_tokens),
+                              token_valid=mask, layers=layers)
+  return llm.logits(hidden[:, -1:])[:, 0], filled, start + mask.sum(axis=1).astype(jnp.int32)
 
 
 def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
@@ -247,8 +249,9 @@ class InferenceProgram:
     """Where this process's rows start in a global batch of `local_rows` rows per process."""
     if self.mesh is None or jax.process_count() == 1:
       return 0
-    total = local_rows * jax.process_count()
-    index = self.batch_sharding(1).devices_indices_map((total,))
+    sharding = self.batch_sharding(1)
+    assert sharding is not None  # there is a mesh
+    index = sharding.devices_indices_map((local_rows * jax.process_count(),))
     return min(index[d][0].start or 0 for d in self.mesh.local_devices)
 
   def global_batch(self, arrays) -> tuple:

@@ -52,9 +52,10 @@ def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
   return n
 
 
-def _image_key(prompt: Sequence[int], pixels: Optional[np.ndarray], image_token_id: int):
-  """What rows must agree on to share a head: the image bytes and the tokens up to its last
-  placeholder (nothing for a text-only row)."""
+def _image_key(prompt: Sequence[int], pixels: Optional[np.ndarray],
+               image_token_id: Optional[int]):
+  """What rows must agree on to share a head, and the head length its image needs: the image
+  bytes and the tokens up to its last placeholder (nothing for a text-only row)."""
   marks = [i for i, t in enumerate(prompt) if t == image_token_id]
   if not marks:
     return None, 0
@@ -63,10 +64,11 @@ def _image_key(prompt: Sequence[int], pixels: Optional[np.ndarray], image_token_
 
 
 def plan_heads(prompts: Sequence[Sequence[int]], pixels: Optional[np.ndarray], *,
-               image_token_id: int, min_saved_share: float = MIN_SAVED_SHARE
+               image_token_id: Optional[int], min_saved_share: float = MIN_SAVED_SHARE
                ) -> Optional[PromptHeads]:
   """The heads of `prompts` (pixels: [B, H, W, 3], or None for text-only rows), or None when
-  sharing would save under `min_saved_share` of the prompt tokens."""
+  sharing would save under `min_saved_share` of the prompt tokens. `image_token_id`: the
+  placeholder id (None: a text-only model)."""
   groups: dict = {}
   needs: dict = {}  # per group, the head length its image placeholders need
   for i, p in enumerate(prompts):
@@ -75,7 +77,10 @@ def plan_heads(prompts: Sequence[Sequence[int]], pixels: Optional[np.ndarray], *
     needs[key] = need
   if len(groups) == len(prompts):
     return None
-  heads, source, head_of, tails = [], [], [0] * len(prompts), [[] for _ in prompts]
+  heads: list[list[int]] = []
+  source: list[int] = []
+  head_of = [0] * len(prompts)
+  tails: list[list[int]] = [[] for _ in prompts]
   for key, members in groups.items():
     rows = [prompts[i] for i in members]
     length = min(_common_prefix(rows), min(len(r) for r in rows) - 1)

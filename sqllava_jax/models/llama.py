@@ -84,10 +84,13 @@ class KVCache:
       widths[axes.index("length")] = (0, grow)
       return shard_activation(jnp.pad(a, widths), axes)
 
-    if self.per_layer:
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+    if isinstance(self.k, tuple) and isinstance(self.v, tuple):
       k = tuple(take(a, CACHE_AXES) for a in self.k)
       v = tuple(take(a, CACHE_AXES) for a in self.v)
     else:
+      assert not isinstance(self.k, tuple) and not isinstance(self.v, tuple)
       k, v = take(self.k, STACKED_CACHE_AXES), take(self.v, STACKED_CACHE_AXES)
     return KVCache(k=k, v=v, valid=take(self.valid, ("batch", "length")), index=self.index)
 

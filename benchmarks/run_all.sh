@@ -3,7 +3,7 @@
 # machine: nothing else should run meanwhile), and keeps each one's output in
 # benchmarks/logs/NAME.txt. Copy the figures into benchmarks/RESULTS.md with the date.
 #
-#   bash benchmarks/run_all.sh            # all CPU benchmarks (about 35 minutes on 2 cores)
+#   bash benchmarks/run_all.sh            # all CPU benchmarks (about 40 minutes on 2 cores)
 #   bash benchmarks/run_all.sh --gpu      # also the accelerator train step (needs a GPU/TPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,8 @@ run input_pipeline benchmarks/input_pipeline.py
 run train_step benchmarks/train_step.py
 run packing benchmarks/packing.py
 run generate benchmarks/generate.py
+run eval_throughput benchmarks/eval_throughput.py
+run ask_throughput benchmarks/ask_throughput.py
 run tiny_train_step benchmarks/tiny_train_step.py
 run demo_step benchmarks/demo_step.py
 if [[ "${1:-}" == "--gpu" ]]; then

@@ -44,3 +44,21 @@ def test_worker_errors_come_back_with_the_workers_traceback():
     assert side.call("add", 1) == 1  # the worker survives a failed call
   with pytest.raises(ab.WorkerError, match=r"(?s)broken failed.*cannot build the model"):
     ab.Side("broken", Broken)
+
+
+def test_eval_benchmark_regroups_k_consecutive_questions_on_each_image(tmp_path):
+  import eval_throughput  # pylint: disable=g-import-not-at-top
+
+  from sqllava_jax.evaluation.outputs import write_jsonl  # pylint: disable=g-import-not-at-top
+  from sqllava_jax.evaluation.questions import load_questions
+  source = str(tmp_path / "q.jsonl")
+  write_jsonl(source, [{"question_id": i, "text": f"q{i}", "image": f"im{i // 4}.png"}
+                       for i in range(12)])  # 4 questions on each of 3 images
+  out = eval_throughput.regroup(source, str(tmp_path / "k.jsonl"), 1, limit=3)
+  assert [q["image"] for q in load_questions(out)] == ["im0.png", "im1.png", "im2.png"]
+  out = eval_throughput.regroup(source, str(tmp_path / "k.jsonl"), 2, limit=5)
+  got = load_questions(out)
+  assert [q["image"] for q in got] == ["im0.png", "im0.png", "im1.png", "im1.png", "im2.png"]
+  assert [q["text"] for q in got] == [f"q{i}" for i in range(5)]
+  with pytest.raises(SystemExit, match="4 images at 1 each; the file has 3"):
+    eval_throughput.regroup(source, str(tmp_path / "k.jsonl"), 1, limit=4)

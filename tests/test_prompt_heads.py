@@ -129,14 +129,29 @@ def test_image_heads_give_the_plain_prefill_tokens(composite, sampling):
 @needs_8
 @pytest.mark.parametrize("name", ["fsdp", "tensor"])
 def test_sharded_heads_decode_as_one_device(composite, name):
+  """Twelve rows on four images: four heads, padded to the mesh's 8 (fsdp) or 4 (tensor)
+  batch slices, each row reading its head across the shards."""
   model, model_cfg = composite
   rng = np.random.default_rng(2)
-  prompts, pixels = ask_like_batch(model_cfg, rng)
-  prompts, pixels = prompts + prompts[3:5], np.concatenate([pixels, pixels[3:5]])  # 8 rows
+  (p1, x1), (p2, x2) = ask_like_batch(model_cfg, rng), ask_like_batch(model_cfg, rng)
+  prompts, pixels = p1 + p2, np.concatenate([x1, x2])
   want = Generator(model, eos_id=2, pad_id=0, share_heads=False).generate(
       prompts, pixels, max_new_tokens=NEW)
-  got = Generator(model, eos_id=2, pad_id=0, mesh=mesh(MESHES[name]),
-                  unstack_layers=name == "tensor").generate(prompts, pixels,
-                                                            max_new_tokens=NEW)
-  assert jax.device_count() >= 8
+  gen = Generator(model, eos_id=2, pad_id=0, mesh=mesh(MESHES[name]),
+                  unstack_layers=name == "tensor")
+  shared, with_heads = [], gen._with_heads
+  gen._with_heads = lambda *a: shared.append(1) or with_heads(*a)
+  got = gen.generate(prompts, pixels, max_new_tokens=NEW)
+  assert shared, "the heads were not shared"
   np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@needs_8
+def test_heads_padded_to_the_whole_batch_are_not_shared(composite):
+  """Two heads on an fsdp=8 mesh pad to 8 rows: for a batch of 8 nothing would be saved."""
+  model, model_cfg = composite
+  prompts, pixels = ask_like_batch(model_cfg, np.random.default_rng(0))
+  gen = Generator(model, eos_id=2, pad_id=0, mesh=mesh(MESHES["fsdp"]), unstack_layers=False)
+  assert gen._head_rows(2) == 8 and gen._rows(6) == 8
+  gen._with_heads = None  # would fail if called
+  gen.generate(prompts, pixels, max_new_tokens=2)

@@ -134,6 +134,8 @@ class Generator:
     if self.share_heads and prompt_length is None:
       image_token = self.cfg.image_token_id if self.cfg is not None else None
       plan = prompt_heads.plan_heads(prompts, pixels, image_token_id=image_token)
+      if plan is not None and self._head_rows(len(plan.heads)) >= self._rows(len(prompts)):
+        plan = None  # the padded heads would be as many rows as the batch: nothing saved
       if self.mesh is not None and data_parallel.agree_max(int(plan is None)):
         plan = None  # every process must run the same program
     if plan is None:
@@ -162,13 +164,21 @@ class Generator:
     return self._agree(bucket_length(n, min_length=min_length or self.min_bucket,
                                      per_octave=self.buckets_per_octave))
 
-  def _with_heads(self, plan: prompt_heads.PromptHeads, pixels: Optional[np.ndarray]):
-    """((tail ids, None, tail mask), SharedHeads) for `plan`: the heads padded to a power of
-    two rows (few program shapes), and the same count on every process."""
-    count = len(plan.heads)
+  def _rows(self, count: int) -> int:
+    """The rows a batch of `count` rows runs with on this process (the mesh's multiple)."""
     multiple = self.program.rows_multiple()
-    rows = -(-min(1 << (count - 1).bit_length(), len(plan.tails)) // multiple) * multiple
-    rows = self._agree(rows)
+    return -(-count // multiple) * multiple
+
+  def _head_rows(self, count: int) -> int:
+    """The rows that `count` distinct heads run with: a power of two (few program shapes),
+    then the mesh's multiple."""
+    return self._rows(1 << (count - 1).bit_length())
+
+  def _with_heads(self, plan: prompt_heads.PromptHeads, pixels: Optional[np.ndarray]):
+    """((tail ids, None, tail mask), SharedHeads) for `plan`: the heads padded to
+    `_head_rows`, as many on every process."""
+    multiple = self.program.rows_multiple()
+    rows = self._agree(self._head_rows(len(plan.heads)))
     head_ids, head_mask = left_pad(plan.heads, self._bucket(max(map(len, plan.heads))),
                                    self.pad_id)
     head_pixels = None if pixels is None else pixels[plan.source]

@@ -2,7 +2,6 @@
 what (the rules written out), and that the tokens are those of transformers' `generate` on
 the whole prompts, of the plain prefill, and of one device when the batch is sharded."""
 
-import jax
 import numpy as np
 import pytest
 

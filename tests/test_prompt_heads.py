@@ -57,6 +57,18 @@ def test_nothing_worth_sharing(prompts, pixels, why):
   assert plan_heads(prompts, pixels, image_token_id=IMG) is None, why
 
 
+def test_image_placeholders_without_pixels_are_refused():
+  with pytest.raises(ValueError, match="no pixels"):
+    plan_heads([[1, IMG, 3], [1, IMG, 3]], None, image_token_id=IMG)
+
+
+def spy_shared(gen: Generator) -> list:
+  """Appends to the returned list each time `gen` prefills through shared heads."""
+  calls, with_heads = [], gen._with_heads
+  gen._with_heads = lambda *a: calls.append(1) or with_heads(*a)
+  return calls
+
+
 # --- generation --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -80,8 +92,10 @@ def test_shared_heads_decode_as_transformers(pair, text_prompts, unstack):
   hf, ours = pair
   assert plan_heads(text_prompts, None, image_token_id=IMG) is not None
   want = hf_greedy(hf, text_prompts, eos_id=2, max_new_tokens=NEW)
-  out = Generator(ours, eos_id=2, pad_id=0, unstack_layers=unstack).generate(
-      text_prompts, max_new_tokens=NEW)
+  gen = Generator(ours, eos_id=2, pad_id=0, unstack_layers=unstack)
+  shared = spy_shared(gen)
+  out = gen.generate(text_prompts, max_new_tokens=NEW)
+  assert shared, "the heads were not shared"
   assert len({tuple(r) for r in want}) == len(text_prompts) - 1  # rows differ
   for i, row in enumerate(want):
     assert out.new_tokens(i) == row, f"row {i}"
@@ -116,7 +130,10 @@ def test_image_heads_give_the_plain_prefill_tokens(composite, sampling):
   plan = plan_heads(prompts, pixels, image_token_id=model_cfg.image_token_id)
   assert plan is not None and len(plan.heads) == 2
   kwargs = dict(max_new_tokens=NEW, sampling=sampling, seed=4)
-  shared = Generator(model, eos_id=2, pad_id=0).generate(prompts, pixels, **kwargs)
+  gen = Generator(model, eos_id=2, pad_id=0)
+  used = spy_shared(gen)
+  shared = gen.generate(prompts, pixels, **kwargs)
+  assert used, "the heads were not shared"
   whole = Generator(model, eos_id=2, pad_id=0, share_heads=False).generate(prompts, pixels,
                                                                            **kwargs)
   np.testing.assert_array_equal(shared.tokens, whole.tokens)
@@ -138,8 +155,33 @@ def test_sharded_heads_decode_as_one_device(composite, name):
       prompts, pixels, max_new_tokens=NEW)
   gen = Generator(model, eos_id=2, pad_id=0, mesh=mesh(MESHES[name]),
                   unstack_layers=name == "tensor")
-  shared, with_heads = [], gen._with_heads
-  gen._with_heads = lambda *a: shared.append(1) or with_heads(*a)
+  shared = spy_shared(gen)
+  got = gen.generate(prompts, pixels, max_new_tokens=NEW)
+  assert shared, "the heads were not shared"
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.num_new, want.num_new)
+
+
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "scanned"])
+def test_a_mixed_eval_batch(composite, unstack):
+  """As `eval_loop` builds a batch: questions on one image, one on an image of its own, a
+  text-only question (zero pixels) and inactive padding rows (the same text prompt)."""
+  model, model_cfg = composite
+  rng = np.random.default_rng(5)
+  question = lambda n: rng.integers(3, 400, size=n).tolist()
+  system = [1] + question(40)
+  image = system + [model_cfg.image_token_id] * model_cfg.num_image_tokens
+  prompts = [image + question(n) for n in (6, 9, 3)]  # image A
+  prompts += [image + question(5)]  # image B
+  prompts += [system + question(8)] + [system + [11, 12]] * 3  # text, then padding
+  pixels = np.zeros((8, 32, 32, 3), np.float32)
+  pixels[:3], pixels[3] = rng.normal(size=(32, 32, 3)), rng.normal(size=(32, 32, 3))
+  plan = plan_heads(prompts, pixels, image_token_id=model_cfg.image_token_id)
+  assert plan is not None and len(plan.heads) == 3
+  want = Generator(model, eos_id=2, pad_id=0, share_heads=False,
+                   unstack_layers=unstack).generate(prompts, pixels, max_new_tokens=NEW)
+  gen = Generator(model, eos_id=2, pad_id=0, unstack_layers=unstack)
+  shared = spy_shared(gen)
   got = gen.generate(prompts, pixels, max_new_tokens=NEW)
   assert shared, "the heads were not shared"
   np.testing.assert_array_equal(got.tokens, want.tokens)
@@ -152,5 +194,6 @@ def test_heads_padded_to_the_whole_batch_are_not_shared(composite):
   prompts, pixels = ask_like_batch(model_cfg, np.random.default_rng(0))
   gen = Generator(model, eos_id=2, pad_id=0, mesh=mesh(MESHES["fsdp"]), unstack_layers=False)
   assert gen._head_rows(2) == 8 and gen._rows(6) == 8
-  gen._with_heads = None  # would fail if called
+  shared = spy_shared(gen)
   gen.generate(prompts, pixels, max_new_tokens=2)
+  assert not shared

@@ -33,7 +33,8 @@ from sqllava_jax.models.sqllava import SQLLaVA, check_image_placeholders
 __all__ = ["Generated", "Generator", "bucket_length", "left_pad", "pad_rows"]
 
 # The tails after a shared head are often a single token (`ask` samples n questions from one
-# prompt): their own, smaller shortest bucket.
+# prompt): tails of up to 4 tokens pad to 4, not to the prompts' shortest bucket (longer
+# tails to 16 and up, as prompts).
 TAIL_MIN_BUCKET = 4
 
 
@@ -103,7 +104,10 @@ class Generator:
     self.cfg = model.cfg if isinstance(model, SQLLaVA) else None
     self.min_bucket, self.buckets_per_octave = min_bucket, buckets_per_octave
     self.mesh = mesh
-    self.share_heads = share_heads
+    # Each row names its head by global row index: only where a process's rows are one
+    # block (every process must agree, as they run the same programs).
+    scattered = not self.program.rows_contiguous()
+    self.share_heads = share_heads and not self._agree(int(scattered))
 
   def _check_ids(self, prompts, pixel_values) -> Optional[np.ndarray]:
     if self.cfg is None:
@@ -134,8 +138,8 @@ class Generator:
     if self.share_heads and prompt_length is None:
       image_token = self.cfg.image_token_id if self.cfg is not None else None
       plan = prompt_heads.plan_heads(prompts, pixels, image_token_id=image_token)
-      if plan is not None and self._head_rows(len(plan.heads)) >= self._rows(len(prompts)):
-        plan = None  # the padded heads would be as many rows as the batch: nothing saved
+      if plan is not None and not self._pays(plan, prompts):
+        plan = None
       if self.mesh is not None and data_parallel.agree_max(int(plan is None)):
         plan = None  # every process must run the same program
     if plan is None:
@@ -174,6 +178,19 @@ class Generator:
     then the mesh's multiple."""
     return self._rows(1 << (count - 1).bit_length())
 
+  def _pays(self, plan: prompt_heads.PromptHeads, prompts: Sequence[Sequence[int]]) -> bool:
+    """Whether the padded shapes of the shared prefill (the heads' rows and bucket, every
+    row's tail bucket) hold under 3/4 of the token slots of the plain prefill (all rows at
+    the longest prompt's bucket): padding heads to a power of two and to the mesh's batch
+    slices can leave nothing saved (two heads on 8 slices run 8 head rows)."""
+    bucket = lambda n, shortest=None: bucket_length(n, min_length=shortest or self.min_bucket,
+                                                    per_octave=self.buckets_per_octave)
+    rows = self._rows(len(prompts))
+    plain = rows * bucket(max(map(len, prompts)))
+    shared = (self._head_rows(len(plan.heads)) * bucket(max(map(len, plan.heads))) +
+              rows * bucket(max(map(len, plan.tails)), TAIL_MIN_BUCKET))
+    return shared <= (1 - prompt_heads.MIN_SAVED_SHARE) * plain
+
   def _with_heads(self, plan: prompt_heads.PromptHeads, pixels: Optional[np.ndarray]):
     """((tail ids, None, tail mask), SharedHeads) for `plan`: the heads padded to
     `_head_rows`, as many on every process."""
@@ -189,6 +206,7 @@ class Generator:
     tail_ids, tail_mask = left_pad(plan.tails, self._bucket(max(map(len, plan.tails)),
                                                             TAIL_MIN_BUCKET), self.pad_id)
     head_of = np.asarray(plan.head_of, np.int32) + first
+    assert head_of.max() < rows * jax.process_count()  # an index past the heads reads NaN
     head_of, = self.program.global_batch(pad_rows((head_of,), multiple))
     heads = SharedHeads(head_ids, head_pixels, head_mask, head_of)
     return (tail_ids, None, tail_mask), heads

@@ -101,11 +101,13 @@ def _prefill_shared(model: nnx.Module, layers, heads: SharedHeads, ids, mask,
                              fresh_cache=True)
   assert head_cache is not None  # decoding with a cache returns it
   start = heads.mask.sum(axis=1).astype(jnp.int32)[heads.rows]
+  # The tails attend over the head and tail slots only, then the cache grows for decoding.
   hidden, filled = llm.decode(llm.embed(ids), _positions(mask, start[:, None]),
-                              cache=head_cache.take_rows(heads.rows,
-                                                         p + ids.shape[1] + max_new_tokens),
+                              cache=head_cache.take_rows(heads.rows).grow(p + ids.shape[1]),
                               token_valid=mask, layers=layers)
-  return llm.logits(hidden[:, -1:])[:, 0], filled, start + mask.sum(axis=1).astype(jnp.int32)
+  assert filled is not None
+  return (llm.logits(hidden[:, -1:])[:, 0], filled.grow(p + ids.shape[1] + max_new_tokens),
+          start + mask.sum(axis=1).astype(jnp.int32))
 
 
 def _decode_loop(llm: Llama, layers, cache, first, lengths, key, params, *,
@@ -245,14 +247,29 @@ class InferenceProgram:
     ways = self.batch_ways()
     return ways // math.gcd(ways, jax.process_count())
 
+  def _local_row_blocks(self, local_rows: int) -> list[tuple[int, int]]:
+    """The (start, stop) row ranges of this process's devices in a global batch of
+    `local_rows` rows per process."""
+    sharding = self.batch_sharding(1)
+    assert sharding is not None and self.mesh is not None
+    index = sharding.devices_indices_map((local_rows * jax.process_count(),))
+    return sorted({index[d][0].indices(local_rows * jax.process_count())[:2]
+                   for d in self.mesh.local_devices})
+
+  def rows_contiguous(self) -> bool:
+    """Whether each process's rows of a global batch are one block (a row can then name
+    another row of the same batch by its global index: `first_global_row` + its own)."""
+    if self.mesh is None or jax.process_count() == 1:
+      return True
+    blocks = self._local_row_blocks(self.rows_multiple())
+    return blocks[-1][1] - blocks[0][0] == sum(b - a for a, b in blocks)
+
   def first_global_row(self, local_rows: int) -> int:
-    """Where this process's rows start in a global batch of `local_rows` rows per process."""
+    """Where this process's rows start in a global batch of `local_rows` rows per process
+    (rows contiguous: `rows_contiguous`)."""
     if self.mesh is None or jax.process_count() == 1:
       return 0
-    sharding = self.batch_sharding(1)
-    assert sharding is not None  # there is a mesh
-    index = sharding.devices_indices_map((local_rows * jax.process_count(),))
-    return min(index[d][0].start or 0 for d in self.mesh.local_devices)
+    return self._local_row_blocks(local_rows)[0][0]
 
   def global_batch(self, arrays) -> tuple:
     """This process's rows of each array (None passes through) -> global arrays split over

@@ -59,6 +59,8 @@ def _image_key(prompt: Sequence[int], pixels: Optional[np.ndarray],
   marks = [i for i, t in enumerate(prompt) if t == image_token_id]
   if not marks:
     return None, 0
+  if pixels is None:
+    raise ValueError("a prompt holds image placeholders but no pixels were given")
   digest = hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=16).digest()
   return (digest, tuple(prompt[:marks[-1] + 1])), marks[-1] + 1
 

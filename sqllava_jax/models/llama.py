@@ -70,29 +70,34 @@ class KVCache:
   def per_layer(self) -> bool:
     return isinstance(self.k, tuple)
 
-  def take_rows(self, rows: jax.Array, max_len: int) -> "KVCache":
-    """The cache whose row i is this cache's row `rows[i]`, grown (with empty slots) to
-    `max_len` slots: several continuations of one prompt head read its keys and values
-    without computing them again. rows: int[B']."""
-    grow = max_len - self.valid.shape[1]
-    if grow < 0:
-      raise ValueError(f"cannot shrink a cache of {self.valid.shape[1]} slots to {max_len}")
-
-    def take(a: jax.Array, axes: tuple) -> jax.Array:
-      a = jnp.take(a, rows, axis=axes.index("batch"))
-      widths = [(0, 0)] * a.ndim
-      widths[axes.index("length")] = (0, grow)
-      return shard_activation(jnp.pad(a, widths), axes)
-
-    k: jax.Array | tuple[jax.Array, ...]
-    v: jax.Array | tuple[jax.Array, ...]
+  def _map(self, fn) -> "KVCache":
+    """`fn(array, its logical axes)` applied to k, v and valid; the index kept."""
     if isinstance(self.k, tuple) and isinstance(self.v, tuple):
-      k = tuple(take(a, CACHE_AXES) for a in self.k)
-      v = tuple(take(a, CACHE_AXES) for a in self.v)
+      k: jax.Array | tuple[jax.Array, ...] = tuple(fn(a, CACHE_AXES) for a in self.k)
+      v: jax.Array | tuple[jax.Array, ...] = tuple(fn(a, CACHE_AXES) for a in self.v)
     else:
       assert not isinstance(self.k, tuple) and not isinstance(self.v, tuple)
-      k, v = take(self.k, STACKED_CACHE_AXES), take(self.v, STACKED_CACHE_AXES)
-    return KVCache(k=k, v=v, valid=take(self.valid, ("batch", "length")), index=self.index)
+      k, v = fn(self.k, STACKED_CACHE_AXES), fn(self.v, STACKED_CACHE_AXES)
+    return KVCache(k=k, v=v, valid=fn(self.valid, ("batch", "length")), index=self.index)
+
+  def take_rows(self, rows: jax.Array) -> "KVCache":
+    """The cache whose row i is this cache's row `rows[i]` (int[B']): several continuations
+    of one prompt head read its keys and values without computing them again."""
+    take = lambda a, axes: shard_activation(jnp.take(a, rows, axis=axes.index("batch")), axes)
+    return self._map(take)
+
+  def grow(self, max_len: int) -> "KVCache":
+    """The cache with empty slots added up to `max_len`."""
+    extra = max_len - self.valid.shape[1]
+    if extra < 0:
+      raise ValueError(f"cannot shrink a cache of {self.valid.shape[1]} slots to {max_len}")
+
+    def pad(a, axes):
+      widths = [(0, 0)] * a.ndim
+      widths[axes.index("length")] = (0, extra)
+      return shard_activation(jnp.pad(a, widths), axes)
+
+    return self._map(pad)
 
 
 class LayerCache(NamedTuple):

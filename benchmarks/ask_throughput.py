@@ -96,6 +96,9 @@ def main() -> None:
     print(f"ratio: {rates['shared heads'] / rates['every row whole']:.2f}x ({args.n} questions "
           f"an image{', answered' if args.answer else ''}, batch {args.batch}); identical "
           f"texts {same}/{len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+      if x != y:
+        print(f"text {i} differs:\n  shared: {x[:120]!r}\n  whole:  {y[:120]!r}")
     print(json.dumps({"images_per_s": rates, "identical_texts": same}))
   print(f"load average after: {os.getloadavg()}")
 

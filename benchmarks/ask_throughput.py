@@ -46,10 +46,9 @@ class AskWorker:
     from sqllava_jax.evaluation.prompts import load_image
     from sqllava_jax.evaluation.questions import load_questions
     from sqllava_jax.evaluation.self_questioning import Protocol, self_question
-    options = loading.ModelOptions(files["ckpt"])
+    options = loading.ModelOptions(files["ckpt"], share_heads=share_heads)
     model, cfg, tokenizer = loading.load(options)
-    self.engine = Engine(model, tokenizer, **loading.engine_options(options, cfg),
-                         share_heads=share_heads)
+    self.engine = Engine(model, tokenizer, **loading.engine_options(options, cfg))
     names = list(dict.fromkeys(q["image"] for q in load_questions(files["questions"])))
     size = cfg.model.vision.image_size
     self.images = [load_image(os.path.join(files["images"], name), size=size,

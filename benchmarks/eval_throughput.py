@@ -109,12 +109,12 @@ class OursWorker:
     from sqllava_jax.evaluation import eval_loop, loading  # pylint: disable=g-import-not-at-top
     from sqllava_jax.evaluation.engine import Engine  # pylint: disable=g-import-not-at-top
     from sqllava_jax.evaluation.questions import load_questions
-    # What `eval --ckpt CKPT [--mesh tensor=N]` loads.
+    # What `eval --ckpt CKPT [--mesh tensor=N] [--no-share-heads]` loads.
     options = loading.ModelOptions(files["ckpt"],
-                                   mesh=f"tensor={args.cores}" if args.cores > 1 else None)
+                                   mesh=f"tensor={args.cores}" if args.cores > 1 else None,
+                                   share_heads=args.share_heads)
     model, cfg, tokenizer = loading.load(options)
-    self.engine = Engine(model, tokenizer, **loading.engine_options(options, cfg),
-                         share_heads=args.share_heads)
+    self.engine = Engine(model, tokenizer, **loading.engine_options(options, cfg))
     self.questions = load_questions(files["questions"])[:args.questions]
     self.settings = eval_loop.EvalSettings(images_dir=files["images"], batch_size=args.batch,
                                            max_new_tokens=args.new, model_id="bench")

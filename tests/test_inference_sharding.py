@@ -105,7 +105,7 @@ def test_sharded_restore_and_composite_decoding(run):
   lora.merge(model_one)
   want = Generator(model_one, eos_id=tok.eos_id, pad_id=tok.pad_id).generate(
       prompts, pixels, max_new_tokens=6)
-  args = type("Args", (), {"mesh": MESHES["tensor"], "unstack_layers": True})()
+  args = loading.ModelOptions(run.ckpt, mesh=MESHES["tensor"], unstack_layers=True)
   gen = Generator(model, eos_id=tok.eos_id, pad_id=tok.pad_id,
                   **loading.engine_options(args, cfg8))
   assert gen.layer_states is not None

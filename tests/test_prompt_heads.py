@@ -46,6 +46,13 @@ def test_text_rows_share_their_common_prefix():
   assert plan.heads == [[1, 2, 3]] and plan.tails == [[4, 9], [4, 5, 6], [8]]
 
 
+def test_text_rows_without_a_common_first_token_split_by_it():
+  plan = plan_heads([[1, 2, 3, 4, 9], [7, 8, 9], [1, 2, 3, 4, 5]], None, image_token_id=IMG,
+                    min_saved_share=0)
+  assert plan.heads == [[1, 2, 3, 4], [7, 8]] and plan.head_of == [0, 1, 0]
+  assert plan.tails == [[9], [9], [5]]
+
+
 @pytest.mark.parametrize("prompts, pixels, why", [
     ([[1, 2, 3], [1, 4, 5]], None, "saves 1 token of 6"),
     ([[1, IMG, 3, 4], [1, IMG, 3, 4]], np.arange(2.0).reshape(2, 1, 1, 1), "two images"),
@@ -197,3 +204,16 @@ def test_heads_padded_to_the_whole_batch_are_not_shared(composite):
   shared = spy_shared(gen)
   gen.generate(prompts, pixels, max_new_tokens=2)
   assert not shared
+
+
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-share-heads"], False)])
+def test_the_commands_flag_reaches_the_engine(flags, expected):
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  from sqllava_jax.commands.model_flags import add_model_arguments, model_options
+  from sqllava_jax.evaluation.loading import engine_options
+  parser = argparse.ArgumentParser()
+  add_model_arguments(parser)
+  options = model_options(parser.parse_args(["--ckpt", "run", *flags]))
+  cfg = tiny_config("unused")
+  assert engine_options(options, cfg)["share_heads"] is expected

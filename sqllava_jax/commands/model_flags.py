@@ -25,9 +25,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--unstack-layers", action=argparse.BooleanOptionalAction, default=None,
                       help="keep an unstacked copy of the decoder layers for decoding (faster "
                            "on CPU, the layers' memory once more; default: on CPU only)")
+  parser.add_argument("--share-heads", action=argparse.BooleanOptionalAction, default=True,
+                      help="prefill once the head that a batch's prompts on one image share "
+                           "(vision tower, system prompt, image tokens); --no-share-heads "
+                           "prefills every prompt whole")
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
   return ModelOptions(ckpt=args.ckpt, step=args.step, tokenizer=args.tokenizer,
                       merge_lora=args.merge_lora, overrides=tuple(args.override),
-                      mesh=args.mesh, unstack_layers=args.unstack_layers)
+                      mesh=args.mesh, unstack_layers=args.unstack_layers,
+                      share_heads=args.share_heads)

@@ -37,7 +37,8 @@ class ModelOptions:
   (None: `tokenizer_for`'s search); merge_lora: fold the adapters into the base weights;
   overrides: the user's `key.sub=value` config overrides; mesh: a mesh spec (None: the
   weights whole); unstack_layers: keep an unstacked copy of the decoder layers for decoding
-  (None: on CPU only).
+  (None: on CPU only); share_heads: rows that begin alike on one image prefill their common
+  head once (`prompt_heads`).
   """
   ckpt: str
   step: Optional[int] = None
@@ -46,6 +47,7 @@ class ModelOptions:
   overrides: tuple[str, ...] = ()
   mesh: Optional[str] = None
   unstack_layers: Optional[bool] = None
+  share_heads: bool = True
 
 
 def mesh_config(spec: Optional[str], rules=MeshConfig().rules) -> Optional[MeshConfig]:
@@ -60,11 +62,12 @@ def _spec_mesh(spec: str, rules) -> MeshConfig:
 def engine_options(options: ModelOptions, cfg: Config, default_mesh: Optional[Mesh] = None
                    ) -> dict:
   """Keyword arguments of `Engine` for these options: their mesh (else `default_mesh`), the
-  config's rules, `unstack_layers`."""
+  config's rules, `unstack_layers`, `share_heads`."""
   mesh = default_mesh
   if options.mesh:
     mesh = make_mesh(_spec_mesh(options.mesh, cfg.mesh.rules))
-  return {"mesh": mesh, "rules": cfg.mesh.rules, "unstack_layers": options.unstack_layers}
+  return {"mesh": mesh, "rules": cfg.mesh.rules, "unstack_layers": options.unstack_layers,
+          "share_heads": options.share_heads}
 
 
 def load_for_inference(ckpt: str, *, step: Optional[int] = None, overrides: Sequence[str] = (),

@@ -5,9 +5,10 @@ Rows share a head when they hold the same image (byte-identical pixels) and the 
 up to the end of its placeholders; their head is the longest prefix all of them share, short
 of each row's last token (every row prefills at least one token of its own, whose logits
 give its first new token). Text-only rows share the prefix they have in common (a system
-prompt). This is what a batch of questions on one image looks like: the questions
-`ask` samples from one prompt per image (the whole prompt is shared), its answers to them,
-and the consecutive questions that benchmarks ask of each image (POPE, GQA, MME).
+prompt), split by their first token where they have none. This is what a batch of
+questions on one image looks like: the questions `ask` samples from one prompt per image
+(the whole prompt is shared), its answers to them, and the consecutive questions that
+benchmarks ask of each image (POPE, MME).
 
     heads = plan_heads(prompts, pixels, image_token_id=-200)
     heads.heads, heads.head_of, heads.tails   # or None: nothing worth sharing
@@ -83,11 +84,21 @@ def plan_heads(prompts: Sequence[Sequence[int]], pixels: Optional[np.ndarray], *
   source: list[int] = []
   head_of = [0] * len(prompts)
   tails: list[list[int]] = [[] for _ in prompts]
-  for key, members in groups.items():
+  pending = list(groups.items())
+  while pending:
+    key, members = pending.pop(0)
     rows = [prompts[i] for i in members]
     length = min(_common_prefix(rows), min(len(r) for r in rows) - 1)
-    if length < max(needs[key], 1):  # a prompt ending in its image, or a one-token prompt
-      return None
+    if length < max(needs[key], 1):
+      if len(members) == 1:  # a prompt ending in its image, or a one-token prompt
+        return None
+      # Text rows with no common first token: split by it (then row by row).
+      split: dict = {}
+      for i in members:
+        split.setdefault(prompts[i][0], []).append(i)
+      parts = list(split.values()) if len(split) > 1 else [[i] for i in members]
+      pending[:0] = [(key, part) for part in parts]
+      continue
     for i in members:
       head_of[i], tails[i] = len(heads), list(prompts[i][length:])
     heads.append(list(rows[0][:length]))

@@ -140,7 +140,7 @@ class Generator:
       plan = prompt_heads.plan_heads(prompts, pixels, image_token_id=image_token)
       if plan is not None and not self._pays(plan, prompts):
         plan = None
-      if self.mesh is not None and data_parallel.agree_max(int(plan is None)):
+      if self._agree(int(plan is None)):
         plan = None  # every process must run the same program
     if plan is None:
       length = (self._agree(prompt_length) if prompt_length
@@ -164,9 +164,13 @@ class Generator:
     """The largest `value` of all processes: every process must run the same program."""
     return value if self.mesh is None else data_parallel.agree_max(value)
 
+  def _local_bucket(self, n: int, min_length: Optional[int] = None) -> int:
+    return bucket_length(n, min_length=min_length or self.min_bucket,
+                         per_octave=self.buckets_per_octave)
+
   def _bucket(self, n: int, min_length: Optional[int] = None) -> int:
-    return self._agree(bucket_length(n, min_length=min_length or self.min_bucket,
-                                     per_octave=self.buckets_per_octave))
+    """`bucket_length` of `n`, the same on every process."""
+    return self._agree(self._local_bucket(n, min_length))
 
   def _rows(self, count: int) -> int:
     """The rows a batch of `count` rows runs with on this process (the mesh's multiple)."""
@@ -183,8 +187,7 @@ class Generator:
     row's tail bucket) hold under 3/4 of the token slots of the plain prefill (all rows at
     the longest prompt's bucket): padding heads to a power of two and to the mesh's batch
     slices can leave nothing saved (two heads on 8 slices run 8 head rows)."""
-    bucket = lambda n, shortest=None: bucket_length(n, min_length=shortest or self.min_bucket,
-                                                    per_octave=self.buckets_per_octave)
+    bucket = self._local_bucket  # this process's view; the choice is agreed after
     rows = self._rows(len(prompts))
     plain = rows * bucket(max(map(len, prompts)))
     shared = (self._head_rows(len(plan.heads)) * bucket(max(map(len, plan.heads))) +
